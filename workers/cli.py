@@ -1,0 +1,227 @@
+"""The ``onex`` command line.
+
+Exit codes (the same for every command):
+
+* 0 — done;
+* 2 — bad input: a wrong option, argument or setting (the message says which and how to fix it);
+* 3 — partial: some backends succeeded, the rest can be retried;
+* 4 — failed or compensated;
+* 5 — not found;
+* 6 — a service is unavailable (could not be started, reached or stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Annotated, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from workers.devstack import DevStack, ServiceName, ServiceStatus, StackError
+from workers.logging import configure_logging
+from workers.settings import OnexSettings, SettingsError, load_settings
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    BAD_INPUT = 2
+    PARTIAL = 3
+    FAILED = 4
+    NOT_FOUND = 5
+    UNAVAILABLE = 6
+
+
+EPILOG = (
+    "Settings come from ONEX_<SECTION>__<KEY> environment variables (or a .env file), "
+    "e.g. ONEX_POSTGRES__PORT=5433. Exit codes: 0 ok, 2 bad input, 3 partial, "
+    "4 failed/compensated, 5 not found, 6 service unavailable."
+)
+
+app = typer.Typer(
+    name="onex",
+    help=(
+        "ONEX Orchestrator: durable infrastructure operations on Temporal.\n\n"
+        "Start here:\n\n"
+        "  onex dev up        # Temporal (+UI), PostgreSQL and Kafka on this machine\n\n"
+        "  onex demo          # the main job against that stack"
+    ),
+    epilog=EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+dev_app = typer.Typer(
+    help=(
+        "Manage the embedded stack: the Temporal dev server with its UI, PostgreSQL and a "
+        "Kafka-protocol broker, all installed by pip and run in the background, with their "
+        "state under one directory (ONEX_DEV__STATE_DIR, default .onex/).\n\n"
+        "Example:\n\n"
+        "  onex dev up && onex dev status && onex dev down"
+    ),
+    epilog=EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(dev_app, name="dev")
+
+err_console = Console(stderr=True)
+console = Console()
+
+T = TypeVar("T")
+
+
+def _fail(code: ExitCode, message: str) -> NoReturn:
+    err_console.print(f"error: {message}", style="red", markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings() -> OnexSettings:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        _fail(ExitCode.BAD_INPUT, str(exc))
+    configure_logging(settings.worker.log_level)
+    return settings
+
+
+def _run_stack(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except StackError as exc:
+        _fail(ExitCode.UNAVAILABLE, str(exc))
+
+
+def _status_table(statuses: list[ServiceStatus]) -> Table:
+    table = Table(title="embedded stack")
+    for column in ("service", "state", "address", "pid", "log"):
+        table.add_column(column)
+    for status in statuses:
+        style = "green" if status.state == "running" else "yellow"
+        table.add_row(
+            status.name,
+            f"[{style}]{status.state}[/{style}]",
+            status.address,
+            str(status.pid or "-"),
+            status.log,
+        )
+    return table
+
+
+def _print_statuses(statuses: list[ServiceStatus], *, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([status.__dict__ for status in statuses], indent=2))
+    else:
+        console.print(_status_table(statuses))
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@dev_app.command("up")
+def dev_up(as_json: JsonOption = False) -> None:
+    """Start the stack in the background and wait until every service answers.
+
+    Idempotent: services already running are reused. Each service must answer a real request
+    (Temporal namespace describe and UI, PostgreSQL SELECT 1, Kafka metadata) within
+    ONEX_DEV__START_TIMEOUT seconds; otherwise the error names the service, why it failed and
+    where its log is. The database, role and Kafka topic catalog are created if missing.
+
+    Example: onex dev up
+    """
+    settings = _settings()
+    stack = DevStack(settings)
+    started = time.monotonic()
+    if not as_json:
+        err_console.print(f"starting the embedded stack under {stack.state_dir} ...")
+    statuses = _run_stack(lambda: asyncio.run(stack.up()))
+    _print_statuses(statuses, as_json=as_json)
+    if not as_json:
+        console.print(
+            f"ready in {time.monotonic() - started:.1f}s. Temporal UI: {settings.temporal.ui_url}"
+        )
+
+
+@dev_app.command("down")
+def dev_down(
+    purge: Annotated[
+        bool, typer.Option("--purge", help="Also delete the state directory (all data, logs).")
+    ] = False,
+) -> None:
+    """Stop exactly the processes `onex dev up` started; keep their data unless --purge.
+
+    Example: onex dev down --purge
+    """
+    stack = DevStack(_settings())
+    stopped = _run_stack(lambda: stack.down(purge=purge))
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    if purge:
+        console.print(f"deleted {stack.state_dir}")
+
+
+@dev_app.command("status")
+def dev_status(as_json: JsonOption = False) -> None:
+    """Show each service: state, address, pid and log file (exit 6 if one is not running).
+
+    With --json, each service also lists its endpoints (Temporal target and UI, the PostgreSQL
+    DSN, the Kafka bootstrap servers), which clients can use as they are.
+
+    Example: onex dev status --json
+    """
+    statuses = DevStack(_settings()).status()
+    _print_statuses(statuses, as_json=as_json)
+    if any(status.state != "running" for status in statuses):
+        raise typer.Exit(ExitCode.UNAVAILABLE)
+
+
+@dev_app.command("logs")
+def dev_logs(
+    service: Annotated[
+        ServiceName | None, typer.Argument(help="One service; all of them when omitted.")
+    ] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=1, help="Lines per log.")] = 40,
+) -> None:
+    """Print the last lines of a service's log (or of every service's).
+
+    Example: onex dev logs postgres -n 100
+    """
+    stack = DevStack(_settings())
+    names = [service] if service else list(ServiceName)
+    for name in names:
+        path = stack.log_path(name)
+        console.rule(f"{name.value}: {path}")
+        if not path.exists():
+            console.print("(no log yet: the service was never started here)")
+            continue
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        typer.echo("\n".join(tail))
+
+
+@app.command("demo")
+def demo() -> None:
+    """The main job on the embedded stack: bring it up and report its health and addresses.
+
+    Example: onex demo
+    """
+    settings = _settings()
+    stack = DevStack(settings)
+    console.print("[bold]ONEX Orchestrator demo[/bold]: starting the embedded stack ...")
+    statuses = _run_stack(lambda: asyncio.run(stack.up()))
+    console.print(_status_table(statuses))
+    endpoints = {key: value for status in statuses for key, value in status.endpoints.items()}
+    console.print(f"Temporal UI:      {settings.temporal.ui_url}")
+    console.print(f"Temporal target:  {endpoints['target']} (namespace {settings.temporal.namespace})")
+    console.print(f"PostgreSQL:       {endpoints['dsn']}")
+    console.print(f"Kafka:            {endpoints['bootstrap_servers']}")
+    console.print("The stack keeps running. Stop it with: .venv/bin/onex dev down")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
