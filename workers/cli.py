@@ -78,7 +78,9 @@ T = TypeVar("T")
 
 
 def _fail(code: ExitCode, message: str) -> NoReturn:
-    err_console.print(f"error: {message}", style="red", markup=False, highlight=False)
+    err_console.print(
+        f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True
+    )
     raise typer.Exit(code)
 
 
@@ -216,7 +218,9 @@ def demo() -> None:
     console.print(_status_table(statuses))
     endpoints = {key: value for status in statuses for key, value in status.endpoints.items()}
     console.print(f"Temporal UI:      {settings.temporal.ui_url}")
-    console.print(f"Temporal target:  {endpoints['target']} (namespace {settings.temporal.namespace})")
+    console.print(
+        f"Temporal target:  {endpoints['target']} (namespace {settings.temporal.namespace})"
+    )
     console.print(f"PostgreSQL:       {endpoints['dsn']}")
     console.print(f"Kafka:            {endpoints['bootstrap_servers']}")
     console.print("The stack keeps running. Stop it with: .venv/bin/onex dev down")

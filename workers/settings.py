@@ -155,9 +155,11 @@ class OnexSettings(BaseSettings):
     def safe_dump(self) -> dict[str, object]:
         """The settings as JSON-ready data; secrets appear only as whether they are set."""
         data: dict[str, object] = self.model_dump(mode="json")
-        for section_name, section in data.items():
-            assert isinstance(section, dict)
+        for section_name in type(self).model_fields:
+            section = data[section_name]
             model = getattr(self, section_name)
+            if not isinstance(section, dict):
+                continue
             for key in list(section):
                 if isinstance(getattr(model, key), SecretStr):
                     section[key] = "<set>"

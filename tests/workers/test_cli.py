@@ -1,0 +1,61 @@
+"""The `onex` command line teaches its use and exits with the documented codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from workers.cli import ExitCode, app
+
+runner = CliRunner()
+
+COMMANDS = [
+    [],
+    ["dev"],
+    ["dev", "up"],
+    ["dev", "down"],
+    ["dev", "status"],
+    ["dev", "logs"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "onex")
+def test_every_help_teaches_with_an_example(command: list[str]) -> None:
+    """`--help` of the program and of each subcommand shows an example invocation."""
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "onex " in result.output
+    assert "Example" in result.output or "Start here" in result.output, result.output
+
+
+def test_a_bad_setting_exits_2_naming_the_variable(cli_env: dict[str, str]) -> None:
+    """An invalid environment value is bad input: exit 2 and the variable's name."""
+    result = runner.invoke(app, ["dev", "status"], env={**cli_env, "ONEX_POSTGRES__PORT": "x"})
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "ONEX_POSTGRES__PORT" in result.output
+
+
+def test_status_of_a_stack_never_started(cli_env: dict[str, str]) -> None:
+    """Status works before any `up`: every service stopped, exit 6, valid JSON."""
+    result = runner.invoke(app, ["dev", "status", "--json"], env=cli_env)
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    services = json.loads(result.stdout)
+    assert [s["name"] for s in services] == ["temporal", "postgres", "kafka"]
+    assert {s["state"] for s in services} == {"stopped"}
+
+
+def test_logs_of_a_stack_never_started(cli_env: dict[str, str]) -> None:
+    """Logs says there is no log yet instead of failing."""
+    result = runner.invoke(app, ["dev", "logs", "kafka"], env=cli_env)
+    assert result.exit_code == ExitCode.OK
+    assert "no log yet" in result.output
+
+
+def test_down_of_a_stack_never_started(cli_env: dict[str, str]) -> None:
+    """Down with nothing running is a no-op that says so."""
+    result = runner.invoke(app, ["dev", "down"], env=cli_env)
+    assert result.exit_code == ExitCode.OK
+    assert "nothing was running" in result.output
