@@ -17,6 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from enum import IntEnum
+from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
@@ -111,9 +112,17 @@ def _status_table(statuses: list[ServiceStatus]) -> Table:
             f"[{style}]{status.state}[/{style}]",
             status.address,
             str(status.pid or "-"),
-            status.log,
+            _relative(status.log),
         )
     return table
+
+
+def _relative(path: str) -> str:
+    """A path relative to the working directory when it is under it (shorter in a table)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _print_statuses(statuses: list[ServiceStatus], *, as_json: bool) -> None:
