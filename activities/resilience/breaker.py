@@ -1,0 +1,352 @@
+"""Circuit breakers: fail fast while a dependency is down, probe it carefully when it may be back.
+
+::
+
+    closed ──(N consecutive failures, or failure rate over the window)──▶ open
+    open ──(open_seconds passed; next call)──▶ half_open
+    half_open ──(M consecutive probe successes)──▶ closed
+    half_open ──(any probe failure)──▶ open
+
+A breaker guards one dependency inside one worker process (one per Kafka topic, one per Consul
+datacenter): its state is not shared across workers. Only transport failures are recorded as
+failures (the caller decides, see :mod:`.boundary`); a business outcome is a call the dependency
+answered, so it counts as a success. A success slower than ``slow_call_seconds`` counts as a
+failure.
+
+The lock guards the breaker's counters, never the call: ``acquire`` and ``record_*`` take it for
+a few attribute updates, and the guarded call runs without it. Listeners run after the lock is
+released. Time comes from an injectable monotonic clock, so tests drive every transition
+without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ParamSpec, TypeVar
+
+from contracts.resilience import BreakerSettings
+
+Clock = Callable[[], float]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitOpenError(Exception):
+    """The breaker rejected the call; ``retry_after`` is when it will admit a probe."""
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        super().__init__(f"circuit breaker {name} is open; retry in {retry_after:.3f}s")
+        self.name = name
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """One transition; its fields are the payload of onex.infra.circuit_breaker.state_changed.v1."""
+
+    service_name: str
+    previous_state: BreakerState
+    new_state: BreakerState
+    failure_count: int
+    reset_timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """A consistent view of a breaker, for status commands and metrics."""
+
+    name: str
+    state: BreakerState
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    half_open_in_flight: int
+    open_remaining_seconds: float
+    total_successes: int
+    total_failures: int
+    total_rejections: int
+
+
+Listener = Callable[[StateChange], None]
+
+
+class CircuitBreaker:
+    """An asyncio-friendly circuit breaker with consecutive-failure and failure-rate rules."""
+
+    __slots__ = (
+        "_consecutive_failures",
+        "_half_open_in_flight",
+        "_half_open_successes",
+        "_listeners",
+        "_lock",
+        "_open_until",
+        "_state",
+        "_total_failures",
+        "_total_rejections",
+        "_total_successes",
+        "_window",
+        "_window_calls",
+        "_window_failures",
+        "_window_position",
+        "clock",
+        "name",
+        "settings",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        settings: BreakerSettings,
+        *,
+        clock: Clock = time.monotonic,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.clock = clock
+        self._listeners = list(listeners)
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._open_until = 0.0
+        self._consecutive_failures = 0
+        self._half_open_in_flight = 0
+        self._half_open_successes = 0
+        # The sliding window is a ring of outcomes (1 = failure) over the last N closed calls.
+        self._window = bytearray(settings.window_size)
+        self._window_position = 0
+        self._window_calls = 0
+        self._window_failures = 0
+        self._total_successes = 0
+        self._total_failures = 0
+        self._total_rejections = 0
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        """The state the next call would meet (an expired open state reads as half_open)."""
+        if self._state is BreakerState.OPEN and self.clock() >= self._open_until:
+            return BreakerState.HALF_OPEN
+        return self._state
+
+    @property
+    def open_until(self) -> float | None:
+        """Clock time at which an open breaker admits a probe; None unless open."""
+        return self._open_until if self._state is BreakerState.OPEN else None
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def snapshot(self) -> BreakerSnapshot:
+        with self._lock:
+            remaining = 0.0
+            if self._state is BreakerState.OPEN:
+                remaining = max(0.0, self._open_until - self.clock())
+            return BreakerSnapshot(
+                name=self.name,
+                state=self._state,
+                consecutive_failures=self._consecutive_failures,
+                window_calls=self._window_calls,
+                window_failures=self._window_failures,
+                half_open_in_flight=self._half_open_in_flight,
+                open_remaining_seconds=remaining,
+                total_successes=self._total_successes,
+                total_failures=self._total_failures,
+                total_rejections=self._total_rejections,
+            )
+
+    # -- the protocol around one call --------------------------------------------------------
+
+    def acquire(self) -> bool:
+        """Admit a call or raise :class:`CircuitOpenError`; True means the call is a probe.
+
+        Pass the returned flag to :meth:`record_success` or :meth:`record_failure`.
+        """
+        if self._state is BreakerState.CLOSED:  # the hot path: one attribute read, no lock
+            return False
+        changes: list[StateChange] = []
+        with self._lock:
+            if self._state is BreakerState.OPEN:
+                now = self.clock()
+                if now < self._open_until:
+                    self._total_rejections += 1
+                    raise CircuitOpenError(self.name, self._open_until - now)
+                changes.append(self._transition(BreakerState.HALF_OPEN))
+            if self._state is BreakerState.HALF_OPEN:
+                if self._half_open_in_flight >= self.settings.half_open_max_calls:
+                    self._total_rejections += 1
+                    # A probe is in flight; its outcome decides. Look again shortly.
+                    raise CircuitOpenError(self.name, min(1.0, self.settings.open_seconds))
+                self._half_open_in_flight += 1
+                probe = True
+            else:
+                probe = False
+        self._notify(changes)
+        return probe
+
+    def record_success(self, probe: bool = False, duration: float = 0.0) -> None:
+        """The dependency answered. Too slow an answer is a failure (``slow_call_seconds``)."""
+        slow = self.settings.slow_call_seconds
+        if slow is not None and duration > slow:
+            self.record_failure(probe)
+            return
+        changes: list[StateChange] = []
+        with self._lock:
+            self._total_successes += 1
+            if self._state is BreakerState.CLOSED:
+                self._consecutive_failures = 0
+                self._push_outcome(0)
+            elif probe and self._state is BreakerState.HALF_OPEN:
+                self._half_open_in_flight -= 1
+                self._half_open_successes += 1
+                if self._half_open_successes >= self.settings.success_threshold:
+                    changes.append(self._transition(BreakerState.CLOSED))
+            # A call admitted while closed that ends after the breaker opened changes nothing.
+        self._notify(changes)
+
+    def record_failure(self, probe: bool = False) -> None:
+        """The dependency failed as a transport (connection, timeout, unavailable, too slow)."""
+        changes: list[StateChange] = []
+        with self._lock:
+            self._total_failures += 1
+            if self._state is BreakerState.CLOSED:
+                self._consecutive_failures += 1
+                self._push_outcome(1)
+                if self._should_trip():
+                    changes.append(self._transition(BreakerState.OPEN))
+            elif probe and self._state is BreakerState.HALF_OPEN:
+                self._half_open_in_flight -= 1
+                changes.append(self._transition(BreakerState.OPEN))
+        self._notify(changes)
+
+    def release(self, probe: bool) -> None:
+        """The call ended without an outcome (it was cancelled): free its probe slot, if any."""
+        if probe:
+            with self._lock:
+                if self._state is BreakerState.HALF_OPEN and self._half_open_in_flight > 0:
+                    self._half_open_in_flight -= 1
+
+    async def call(
+        self,
+        function: Callable[P, Awaitable[R]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        """Run ``function`` through the breaker, counting every exception as a failure.
+
+        Handlers go through :mod:`.boundary` instead, which counts transport failures only.
+        """
+        probe = self.acquire()
+        timed = self.settings.slow_call_seconds is not None
+        started = self.clock() if timed else 0.0
+        try:
+            result = await function(*args, **kwargs)
+        except asyncio.CancelledError:
+            self.release(probe)
+            raise
+        except BaseException:
+            self.record_failure(probe)
+            raise
+        self.record_success(probe, self.clock() - started if timed else 0.0)
+        return result
+
+    def reset(self) -> None:
+        """Close the breaker and forget its history (an operator's override)."""
+        with self._lock:
+            change = self._transition(BreakerState.CLOSED)
+        self._notify([change])
+
+    # -- internals (called with the lock held) -----------------------------------------------
+
+    def _push_outcome(self, failed: int) -> None:
+        window = self._window
+        position = self._window_position
+        if self._window_calls == len(window):
+            self._window_failures -= window[position]
+        else:
+            self._window_calls += 1
+        window[position] = failed
+        self._window_failures += failed
+        self._window_position = (position + 1) % len(window)
+
+    def _should_trip(self) -> bool:
+        settings = self.settings
+        if self._consecutive_failures >= settings.failure_threshold:
+            return True
+        rate = settings.failure_rate_threshold
+        return (
+            rate is not None
+            and self._window_calls >= settings.minimum_calls
+            and self._window_failures >= rate * self._window_calls
+        )
+
+    def _transition(self, new_state: BreakerState) -> StateChange:
+        change = StateChange(
+            service_name=self.name,
+            previous_state=self._state,
+            new_state=new_state,
+            failure_count=self._consecutive_failures,
+            reset_timeout_seconds=self.settings.open_seconds,
+        )
+        self._state = new_state
+        self._half_open_in_flight = 0
+        self._half_open_successes = 0
+        if new_state is BreakerState.OPEN:
+            self._open_until = self.clock() + self.settings.open_seconds
+        elif new_state is BreakerState.CLOSED:
+            self._consecutive_failures = 0
+            self._window_calls = self._window_failures = self._window_position = 0
+            self._window[:] = bytes(len(self._window))
+        return change
+
+    def _notify(self, changes: list[StateChange]) -> None:
+        for change in changes:
+            for listener in self._listeners:
+                listener(change)
+
+
+class BreakerRegistry:
+    """The breakers of one worker process, one per dependency key (e.g. ``kafka:<topic>``)."""
+
+    def __init__(self, *, clock: Clock = time.monotonic, listeners: Iterable[Listener] = ()):
+        self._clock = clock
+        self._listeners = list(listeners)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, settings: BreakerSettings) -> CircuitBreaker:
+        """The breaker for ``name``, created with ``settings`` on first use."""
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.get(name)
+                if breaker is None:
+                    breaker = CircuitBreaker(
+                        name, settings, clock=self._clock, listeners=self._listeners
+                    )
+                    self._breakers[name] = breaker
+        return breaker
+
+    def snapshot(self) -> list[BreakerSnapshot]:
+        return [breaker.snapshot() for breaker in sorted(self._breakers.values(), key=_name)]
+
+    def reset(self, name: str | None = None) -> None:
+        """Reset one breaker, or all of them."""
+        for breaker_name, breaker in list(self._breakers.items()):
+            if name is None or breaker_name == name:
+                breaker.reset()
+
+
+def _name(breaker: CircuitBreaker) -> str:
+    return breaker.name
