@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -40,6 +41,12 @@ class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+# Enum member lookups through the class cost more than the rest of the hot path together.
+_CLOSED = BreakerState.CLOSED
+_OPEN = BreakerState.OPEN
+_HALF_OPEN = BreakerState.HALF_OPEN
 
 
 class CircuitOpenError(Exception):
@@ -91,14 +98,14 @@ class CircuitBreaker:
         "_listeners",
         "_lock",
         "_open_until",
+        "_slow_call_seconds",
         "_state",
         "_total_failures",
         "_total_rejections",
         "_total_successes",
-        "_window",
-        "_window_calls",
+        "_calls",
+        "_window_start",
         "_window_failures",
-        "_window_position",
         "clock",
         "name",
         "settings",
@@ -117,16 +124,17 @@ class CircuitBreaker:
         self.clock = clock
         self._listeners = list(listeners)
         self._lock = threading.Lock()
-        self._state = BreakerState.CLOSED
+        self._slow_call_seconds = settings.slow_call_seconds
+        self._state = _CLOSED
         self._open_until = 0.0
         self._consecutive_failures = 0
         self._half_open_in_flight = 0
         self._half_open_successes = 0
-        # The sliding window is a ring of outcomes (1 = failure) over the last N closed calls.
-        self._window = bytearray(settings.window_size)
-        self._window_position = 0
-        self._window_calls = 0
-        self._window_failures = 0
+        # The sliding window over the last N calls made while closed is kept as the sequence
+        # numbers of its failures, so that a success (the common case) only bumps a counter.
+        self._calls = 0
+        self._window_start = 0
+        self._window_failures: deque[int] = deque()
         self._total_successes = 0
         self._total_failures = 0
         self._total_rejections = 0
@@ -136,14 +144,14 @@ class CircuitBreaker:
     @property
     def state(self) -> BreakerState:
         """The state the next call would meet (an expired open state reads as half_open)."""
-        if self._state is BreakerState.OPEN and self.clock() >= self._open_until:
-            return BreakerState.HALF_OPEN
+        if self._state is _OPEN and self.clock() >= self._open_until:
+            return _HALF_OPEN
         return self._state
 
     @property
     def open_until(self) -> float | None:
         """Clock time at which an open breaker admits a probe; None unless open."""
-        return self._open_until if self._state is BreakerState.OPEN else None
+        return self._open_until if self._state is _OPEN else None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -151,14 +159,14 @@ class CircuitBreaker:
     def snapshot(self) -> BreakerSnapshot:
         with self._lock:
             remaining = 0.0
-            if self._state is BreakerState.OPEN:
+            if self._state is _OPEN:
                 remaining = max(0.0, self._open_until - self.clock())
             return BreakerSnapshot(
                 name=self.name,
                 state=self._state,
                 consecutive_failures=self._consecutive_failures,
-                window_calls=self._window_calls,
-                window_failures=self._window_failures,
+                window_calls=self._window_calls(),
+                window_failures=self._failures_in_window(),
                 half_open_in_flight=self._half_open_in_flight,
                 open_remaining_seconds=remaining,
                 total_successes=self._total_successes,
@@ -173,17 +181,17 @@ class CircuitBreaker:
 
         Pass the returned flag to :meth:`record_success` or :meth:`record_failure`.
         """
-        if self._state is BreakerState.CLOSED:  # the hot path: one attribute read, no lock
+        if self._state is _CLOSED:  # the hot path: one attribute read, no lock
             return False
         changes: list[StateChange] = []
         with self._lock:
-            if self._state is BreakerState.OPEN:
+            if self._state is _OPEN:
                 now = self.clock()
                 if now < self._open_until:
                     self._total_rejections += 1
                     raise CircuitOpenError(self.name, self._open_until - now)
-                changes.append(self._transition(BreakerState.HALF_OPEN))
-            if self._state is BreakerState.HALF_OPEN:
+                changes.append(self._transition(_HALF_OPEN))
+            if self._state is _HALF_OPEN:
                 if self._half_open_in_flight >= self.settings.half_open_max_calls:
                     self._total_rejections += 1
                     # A probe is in flight; its outcome decides. Look again shortly.
@@ -197,21 +205,27 @@ class CircuitBreaker:
 
     def record_success(self, probe: bool = False, duration: float = 0.0) -> None:
         """The dependency answered. Too slow an answer is a failure (``slow_call_seconds``)."""
-        slow = self.settings.slow_call_seconds
+        slow = self._slow_call_seconds
         if slow is not None and duration > slow:
             self.record_failure(probe)
             return
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._total_successes += 1
+            if self._state is _CLOSED:  # the hot path: no transition is possible
+                self._calls += 1
+                self._consecutive_failures = 0
+                return
+        finally:
+            lock.release()
         changes: list[StateChange] = []
         with self._lock:
-            self._total_successes += 1
-            if self._state is BreakerState.CLOSED:
-                self._consecutive_failures = 0
-                self._push_outcome(0)
-            elif probe and self._state is BreakerState.HALF_OPEN:
+            if probe and self._state is _HALF_OPEN:
                 self._half_open_in_flight -= 1
                 self._half_open_successes += 1
                 if self._half_open_successes >= self.settings.success_threshold:
-                    changes.append(self._transition(BreakerState.CLOSED))
+                    changes.append(self._transition(_CLOSED))
             # A call admitted while closed that ends after the breaker opened changes nothing.
         self._notify(changes)
 
@@ -220,21 +234,22 @@ class CircuitBreaker:
         changes: list[StateChange] = []
         with self._lock:
             self._total_failures += 1
-            if self._state is BreakerState.CLOSED:
+            if self._state is _CLOSED:
+                self._calls += 1
                 self._consecutive_failures += 1
-                self._push_outcome(1)
+                self._window_failures.append(self._calls)
                 if self._should_trip():
-                    changes.append(self._transition(BreakerState.OPEN))
-            elif probe and self._state is BreakerState.HALF_OPEN:
+                    changes.append(self._transition(_OPEN))
+            elif probe and self._state is _HALF_OPEN:
                 self._half_open_in_flight -= 1
-                changes.append(self._transition(BreakerState.OPEN))
+                changes.append(self._transition(_OPEN))
         self._notify(changes)
 
     def release(self, probe: bool) -> None:
         """The call ended without an outcome (it was cancelled): free its probe slot, if any."""
         if probe:
             with self._lock:
-                if self._state is BreakerState.HALF_OPEN and self._half_open_in_flight > 0:
+                if self._state is _HALF_OPEN and self._half_open_in_flight > 0:
                     self._half_open_in_flight -= 1
 
     async def call(
@@ -247,8 +262,8 @@ class CircuitBreaker:
 
         Handlers go through :mod:`.boundary` instead, which counts transport failures only.
         """
-        probe = self.acquire()
-        timed = self.settings.slow_call_seconds is not None
+        probe = False if self._state is _CLOSED else self.acquire()
+        timed = self._slow_call_seconds is not None
         started = self.clock() if timed else 0.0
         try:
             result = await function(*args, **kwargs)
@@ -264,32 +279,30 @@ class CircuitBreaker:
     def reset(self) -> None:
         """Close the breaker and forget its history (an operator's override)."""
         with self._lock:
-            change = self._transition(BreakerState.CLOSED)
+            change = self._transition(_CLOSED)
         self._notify([change])
 
     # -- internals (called with the lock held) -----------------------------------------------
 
-    def _push_outcome(self, failed: int) -> None:
-        window = self._window
-        position = self._window_position
-        if self._window_calls == len(window):
-            self._window_failures -= window[position]
-        else:
-            self._window_calls += 1
-        window[position] = failed
-        self._window_failures += failed
-        self._window_position = (position + 1) % len(window)
+    def _window_calls(self) -> int:
+        return min(self._calls - self._window_start, self.settings.window_size)
+
+    def _failures_in_window(self) -> int:
+        oldest = self._calls - self.settings.window_size
+        failures = self._window_failures
+        while failures and failures[0] <= oldest:
+            failures.popleft()
+        return len(failures)
 
     def _should_trip(self) -> bool:
         settings = self.settings
         if self._consecutive_failures >= settings.failure_threshold:
             return True
         rate = settings.failure_rate_threshold
-        return (
-            rate is not None
-            and self._window_calls >= settings.minimum_calls
-            and self._window_failures >= rate * self._window_calls
-        )
+        if rate is None:
+            return False
+        calls = self._window_calls()
+        return calls >= settings.minimum_calls and self._failures_in_window() >= rate * calls
 
     def _transition(self, new_state: BreakerState) -> StateChange:
         change = StateChange(
@@ -302,12 +315,12 @@ class CircuitBreaker:
         self._state = new_state
         self._half_open_in_flight = 0
         self._half_open_successes = 0
-        if new_state is BreakerState.OPEN:
+        if new_state is _OPEN:
             self._open_until = self.clock() + self.settings.open_seconds
-        elif new_state is BreakerState.CLOSED:
+        elif new_state is _CLOSED:
             self._consecutive_failures = 0
-            self._window_calls = self._window_failures = self._window_position = 0
-            self._window[:] = bytes(len(self._window))
+            self._window_start = self._calls
+            self._window_failures.clear()
         return change
 
     def _notify(self, changes: list[StateChange]) -> None:
