@@ -7,10 +7,14 @@ corrupts that extension's state for the whole process (it crashed the interprete
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
+from pydantic import BaseModel
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
+
+from contracts.resilience import ResiliencePolicy
 
 
 @activity.defn(name="fixtures.echo")
@@ -31,3 +35,65 @@ class SleepThenEchoWorkflow:
             start_to_close_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(maximum_attempts=1),
         )
+
+
+class ActivityCall(BaseModel):
+    """Run one activity by name with a project resilience policy."""
+
+    activity: str
+    argument: str
+    policy: ResiliencePolicy
+
+
+@workflow.defn
+class CallActivityWorkflow:
+    """Calls one activity with the options compiled from a ResiliencePolicy."""
+
+    @workflow.run
+    async def run(self, call: ActivityCall) -> str:
+        result: str = await workflow.execute_activity(
+            call.activity, call.argument, result_type=str, **call.policy.activity_options()
+        )
+        return result
+
+
+class CorrelatedRequest(BaseModel):
+    """A request that may carry its correlation id, as the project's requests do."""
+
+    name: str
+    correlation_id: uuid.UUID | None = None
+
+
+@activity.defn(name="correlation.observe")
+async def observe_correlation(label: str) -> dict[str, str]:
+    """What an activity sees: the bound correlation id and its structlog context."""
+    import structlog
+
+    from activities.resilience.correlation import current_correlation_id
+
+    context = {key: str(value) for key, value in structlog.contextvars.get_contextvars().items()}
+    return {"label": label, "correlation_id": str(current_correlation_id()), **context}
+
+
+@workflow.defn
+class ObserveCorrelationChildWorkflow:
+    @workflow.run
+    async def run(self) -> dict[str, str]:
+        return await workflow.execute_activity(
+            observe_correlation, "child", start_to_close_timeout=timedelta(seconds=10)
+        )
+
+
+@workflow.defn
+class ObserveCorrelationWorkflow:
+    """Runs the observing activity itself and in a child workflow."""
+
+    @workflow.run
+    async def run(self, request: CorrelatedRequest) -> list[dict[str, str]]:
+        own = await workflow.execute_activity(
+            observe_correlation, "parent", start_to_close_timeout=timedelta(seconds=10)
+        )
+        child = await workflow.execute_child_workflow(
+            ObserveCorrelationChildWorkflow.run, id=f"{workflow.info().workflow_id}-child"
+        )
+        return [own, child]

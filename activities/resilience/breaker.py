@@ -92,6 +92,7 @@ class CircuitBreaker:
     """An asyncio-friendly circuit breaker with consecutive-failure and failure-rate rules."""
 
     __slots__ = (
+        "_calls",
         "_consecutive_failures",
         "_half_open_in_flight",
         "_half_open_successes",
@@ -103,9 +104,8 @@ class CircuitBreaker:
         "_total_failures",
         "_total_rejections",
         "_total_successes",
-        "_calls",
-        "_window_start",
         "_window_failures",
+        "_window_start",
         "clock",
         "name",
         "settings",

@@ -1,0 +1,190 @@
+"""The activity boundary: every handler operation passes through it exactly once per attempt.
+
+It binds the log context, asks the circuit breaker, times the call and turns any failure into
+the one thing Temporal should see::
+
+    ApplicationError(
+        message=<sanitized>,
+        <ErrorDetails: type, code, retryable, sanitized context, attempt, delay>,
+        type=<InfraError subclass name>,
+        non_retryable=<not retryable>,
+        next_retry_delay=<jittered backoff for this attempt, or the breaker's time left>,
+    )
+
+The native exception stays inside the process: it is logged (sanitized) and never chained into
+the ``ApplicationError``, because Temporal records a failure's whole cause chain in the
+workflow history, which anyone with UI access can read.
+
+There are no loops and no sleeps here: Temporal schedules the next attempt, after
+``next_retry_delay``. Temporal's ``RetryPolicy`` has no jitter, so the delay is computed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any, ParamSpec, TypeVar
+from uuid import UUID
+
+import structlog
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.resilience.breaker import BreakerRegistry, CircuitOpenError
+from activities.resilience.classify import classify
+from activities.resilience.correlation import correlation_scope, current_correlation_id
+from activities.resilience.errors import InfraError, InfraUnavailableError
+from activities.resilience.sanitize import redact_mapping, sanitize_text
+from contracts.errors import ErrorContext, ErrorDetails, Transport
+from contracts.resilience import ResiliencePolicy
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = structlog.get_logger("onex.activity")
+
+
+class ActivityBoundary:
+    """The resilience wrapper for the operations of one handler talking to one dependency.
+
+    ``breaker_key`` picks the breaker for a call from its arguments (one per Kafka topic, one
+    per Consul datacenter); by default there is one breaker per ``target``.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        target: str,
+        policy: ResiliencePolicy,
+        breakers: BreakerRegistry,
+        breaker_key: Callable[..., str] | None = None,
+        uniform: Callable[[], float] = random.random,
+    ) -> None:
+        self.transport = transport
+        self.target = target
+        self.policy = policy
+        self.breakers = breakers
+        self._breaker_key = breaker_key
+        self._uniform = uniform
+
+    def wrap(
+        self, operation: str, function: Callable[P, Awaitable[R]]
+    ) -> Callable[P, Awaitable[R]]:
+        """``function`` behind the boundary, with the same signature (for ``activity.defn``)."""
+
+        @functools.wraps(function)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            correlation_id = current_correlation_id() or _correlation_in(args, kwargs)
+            if correlation_id is None or correlation_id == current_correlation_id():
+                return await self._attempt(operation, function, correlation_id, args, kwargs)
+            with correlation_scope(correlation_id):
+                return await self._attempt(operation, function, correlation_id, args, kwargs)
+
+        return guarded
+
+    async def _attempt(
+        self,
+        operation: str,
+        function: Callable[..., Awaitable[R]],
+        correlation_id: UUID | None,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> R:
+        attempt = activity.info().attempt if activity.in_activity() else 1
+        context = ErrorContext(
+            transport=self.transport,
+            operation=operation,
+            target=self.target,
+            correlation_id=correlation_id,
+        )
+        key = self._breaker_key(*args, **kwargs) if self._breaker_key else self.target
+        breaker = self.breakers.get(f"{self.transport.value}:{key}", self.policy.circuit_breaker)
+        log = logger.bind(transport=self.transport.value, operation=operation, target=self.target)
+        error: InfraError
+        try:
+            probe = breaker.acquire()
+        except CircuitOpenError as rejected:
+            error = InfraUnavailableError(
+                f"{operation} on {self.target} not attempted: its circuit breaker is open",
+                context=context,
+                retry_after=rejected.retry_after,
+            )
+            log.warning("circuit_open", retry_after=round(rejected.retry_after, 3))
+            raise self._application_error(error, attempt, rejected.retry_after) from None
+
+        started = time.perf_counter()
+        try:
+            result = await function(*args, **kwargs)
+        except asyncio.CancelledError:
+            breaker.release(probe)
+            raise
+        except Exception as exc:
+            duration = time.perf_counter() - started
+            error = classify(exc, context)
+            if error.transport_failure:
+                breaker.record_failure(probe)
+            else:  # the dependency answered: a business or request failure
+                breaker.record_success(probe, duration)
+            delay = self._retry_delay(error, attempt)
+            log.warning(
+                "operation_failed",
+                error_type=error.error_type,
+                error=sanitize_text(str(error)),
+                cause=type(exc).__name__,
+                retryable=error.retryable,
+                next_retry_delay=None if delay is None else round(delay, 3),
+                duration_ms=round(duration * 1000, 2),
+            )
+            raise self._application_error(error, attempt, delay) from None
+        except BaseException:
+            breaker.release(probe)
+            raise
+        duration = time.perf_counter() - started
+        breaker.record_success(probe, duration)
+        log.debug("operation_succeeded", duration_ms=round(duration * 1000, 2))
+        return result
+
+    def _retry_delay(self, error: InfraError, attempt: int) -> float | None:
+        if not error.retryable:
+            return None
+        backoff = self.policy.retry.delay(attempt, self._uniform())
+        # A server that says when to come back (Retry-After) is believed, never undercut.
+        return max(backoff, error.retry_after) if error.retry_after else backoff
+
+    def _application_error(
+        self, error: InfraError, attempt: int, delay: float | None
+    ) -> ApplicationError:
+        message = sanitize_text(error.message)
+        safe_context = error.context.model_copy(
+            update={"extra": redact_mapping(error.context.extra)}
+        )
+        details = ErrorDetails(
+            error_type=error.error_type,
+            code=error.code,
+            retryable=error.retryable,
+            message=message,
+            context=safe_context,
+            attempt=attempt,
+            next_retry_delay_seconds=delay,
+        )
+        return ApplicationError(
+            message,
+            details.model_dump(mode="json"),
+            type=error.error_type,
+            non_retryable=not error.retryable,
+            next_retry_delay=None if delay is None else timedelta(seconds=delay),
+        )
+
+
+def _correlation_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> UUID | None:
+    """The correlation id of the first argument that carries one (request models do)."""
+    for value in (*args, *kwargs.values()):
+        found = getattr(value, "correlation_id", None)
+        if isinstance(found, UUID):
+            return found
+    return None

@@ -1,0 +1,270 @@
+"""The activity boundary under real Temporal servers: retries, classification, breaker, secrets.
+
+Retry timing is read from what Temporal recorded: each attempt's start time (as the
+activity saw it) and the history's scheduled and started events, on the time-skipping server,
+where the waits pass in milliseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from temporalio import activity
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from activities.resilience.boundary import ActivityBoundary
+from activities.resilience.breaker import BreakerRegistry, BreakerState
+from contracts.errors import Transport
+from contracts.resilience import BreakerSettings, ResiliencePolicy, RetrySettings
+from tests.sample_workflows import ActivityCall, CallActivityWorkflow
+
+POLICY = ResiliencePolicy(
+    retry=RetrySettings(max_attempts=5, initial_interval=1.0, max_interval=60.0, jitter=0.25),
+    circuit_breaker=BreakerSettings(failure_threshold=10, open_seconds=20.0),
+)
+
+
+class TemporalClock:
+    """The breaker's clock, set to Temporal's time at each attempt (time skips in these tests)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Script:
+    """An operation that fails with the given exceptions, in order, then succeeds."""
+
+    def __init__(self, *failures: BaseException) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+        self.started: list[datetime] = []
+
+    async def __call__(self, argument: str) -> str:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return argument.upper()
+
+
+def boundary_activity(
+    name: str,
+    script: Script,
+    *,
+    policy: ResiliencePolicy = POLICY,
+    uniform: Callable[[], float] | None = None,
+    clock: TemporalClock | None = None,
+) -> tuple[Callable[[str], Awaitable[str]], BreakerRegistry]:
+    """An activity named ``name`` running ``script`` behind a boundary; also its breakers."""
+    breakers = BreakerRegistry(clock=clock or TemporalClock())
+    boundary = ActivityBoundary(
+        transport=Transport.DATABASE,
+        target="postgresql-primary",
+        policy=policy,
+        breakers=breakers,
+        uniform=uniform or random.random,
+    )
+    guarded = boundary.wrap("upsert_node", script)
+
+    @activity.defn(name=name)
+    async def run(argument: str) -> str:
+        started = activity.info().started_time
+        script.started.append(started)
+        if clock is not None:
+            clock.now = started.timestamp()
+        return await guarded(argument)
+
+    return run, breakers
+
+
+async def run_workflow(
+    env: WorkflowEnvironment,
+    task_queue: str,
+    activity_fn: Callable[[str], Awaitable[str]],
+    name: str,
+    policy: ResiliencePolicy = POLICY,
+) -> tuple[str | BaseException, list[dict[str, Any]]]:
+    """Run CallActivityWorkflow; return its result (or failure) and its history events."""
+    workflow_id = f"boundary-{uuid.uuid4()}"
+    async with Worker(
+        env.client,
+        task_queue=task_queue,
+        workflows=[CallActivityWorkflow],
+        activities=[activity_fn],
+    ):
+        handle = await env.client.start_workflow(
+            CallActivityWorkflow.run,
+            ActivityCall(activity=name, argument="ok", policy=policy),
+            id=workflow_id,
+            task_queue=task_queue,
+        )
+        outcome: str | BaseException
+        try:
+            outcome = await handle.result()
+        except WorkflowFailureError as failure:
+            outcome = failure
+        history = await handle.fetch_history()
+    return outcome, json.loads(history.to_json())["events"]
+
+
+def _gaps(times: list[datetime]) -> list[float]:
+    return [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(times)]
+
+
+def _event_time(events: list[dict[str, Any]], event_type: EventType.ValueType) -> datetime:
+    name = EventType.Name(event_type)
+    for event in events:
+        if event["eventType"] == name:
+            return datetime.fromisoformat(str(event["eventTime"]).replace("Z", "+00:00"))
+    raise AssertionError(f"no {name} in the history")
+
+
+async def test_connection_errors_are_retried_with_the_jittered_backoff(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Two connection errors then success: 3 attempts, delays of 1 s and 2 s within ±25 %.
+
+    With the jitter draw pinned, the exact delays prove that Temporal used the activity's
+    next_retry_delay rather than its own (jitter-free) policy.
+    """
+    script = Script(ConnectionRefusedError(111, "refused"), ConnectionResetError("reset"))
+    pinned, _ = boundary_activity("db.pinned", script, uniform=lambda: 0.9)  # factor 1.2
+    result, events = await run_workflow(time_skipping_env, task_queue, pinned, "db.pinned")
+    assert result == "OK"
+    assert script.calls == 3
+    assert _gaps(script.started) == pytest.approx([1.2, 2.4], abs=0.05)
+
+    started = _event_time(events, EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED)
+    scheduled = _event_time(events, EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED)
+    assert (started - scheduled).total_seconds() == pytest.approx(3.6, abs=0.1)
+    started_event = next(e for e in events if e["eventType"] == "EVENT_TYPE_ACTIVITY_TASK_STARTED")
+    assert started_event["activityTaskStartedEventAttributes"]["attempt"] == 3
+
+    jittered = Script(ConnectionRefusedError(111, "refused"), TimeoutError())
+    random_jitter, _ = boundary_activity("db.random", jittered)
+    result, _ = await run_workflow(time_skipping_env, task_queue, random_jitter, "db.random")
+    assert result == "OK"
+    first, second = _gaps(jittered.started)
+    assert 0.75 - 0.05 <= first <= 1.25 + 0.05
+    assert 1.5 - 0.05 <= second <= 2.5 + 0.05
+
+
+@pytest.mark.parametrize(
+    ("failure", "error_type"),
+    [
+        (
+            asyncpg.exceptions.InvalidPasswordError("password authentication failed"),
+            "InfraAuthenticationError",
+        ),
+        (ValueError("a bug in a handler"), "InfraUnexpectedError"),
+    ],
+    ids=["auth", "unknown"],
+)
+async def test_auth_and_unknown_errors_are_attempted_once(
+    time_skipping_env: WorkflowEnvironment,
+    task_queue: str,
+    failure: Exception,
+    error_type: str,
+) -> None:
+    """Retrying bad credentials or an unclassified bug cannot help: one attempt, then failure."""
+    script = Script(failure, failure, failure)
+    name = f"db.once.{error_type}"
+    fn, _ = boundary_activity(name, script)
+    outcome, _ = await run_workflow(time_skipping_env, task_queue, fn, name)
+    assert isinstance(outcome, WorkflowFailureError)
+    assert isinstance(outcome.cause, ActivityError)
+    cause = outcome.cause.cause
+    assert isinstance(cause, ApplicationError)
+    assert (cause.type, cause.non_retryable) == (error_type, True)
+    assert script.calls == 1, "a non-retryable error must not be attempted again"
+    details = cause.details[0]
+    assert isinstance(details, dict)
+    assert details["context"]["target"] == "postgresql-primary"
+    assert details["code"] == "DATABASE_CONNECTION_ERROR"
+
+
+async def test_an_open_breaker_delays_the_next_attempt_until_half_open(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Two failures open the breaker; the rejected attempt tells Temporal to wait the rest of
+    the open time, and the attempt after that is the half-open probe, which succeeds."""
+    policy = POLICY.model_copy(
+        update={"circuit_breaker": BreakerSettings(failure_threshold=2, open_seconds=20.0)}
+    )
+    clock = TemporalClock()
+    script = Script(ConnectionRefusedError(111, "refused"), ConnectionRefusedError(111, "x"))
+    fn, breakers = boundary_activity(
+        "db.breaker", script, policy=policy, uniform=lambda: 0.5, clock=clock
+    )
+    result, _ = await run_workflow(time_skipping_env, task_queue, fn, "db.breaker", policy)
+    assert result == "OK"
+    assert script.calls == 3, "the rejected attempt never reached the dependency"
+    attempts = script.started
+    assert len(attempts) == 4
+    opened_at = attempts[1]  # the second failure opened it
+    rejected, probe = attempts[2], attempts[3]
+    remaining = 20.0 - (rejected - opened_at).total_seconds()
+    assert (probe - rejected).total_seconds() == pytest.approx(remaining, abs=0.1)
+    assert (probe - opened_at).total_seconds() == pytest.approx(20.0, abs=0.1)
+    assert breakers.snapshot()[0].state is BreakerState.HALF_OPEN, "one probe success of two"
+
+
+def _readable(value: object) -> str:
+    """The JSON of a history with every payload's base64 data decoded next to it."""
+    decoded: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if key == "data" and isinstance(child, str):
+                    decoded.append(base64.b64decode(child).decode(errors="replace"))
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(value)
+    return json.dumps(value) + "\n".join(decoded)
+
+
+SECRETS = ("hunter2-Sekr3t", "xoxb-SECRET-TOKEN-1234", "Pa55w0rd-XYZ")
+
+
+async def test_no_secret_reaches_the_workflow_history(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Failures whose messages hold a password, a token and a DSN with credentials leave no
+    trace of them anywhere in the history, while the failures themselves are recorded."""
+    script = Script(
+        ConnectionRefusedError(111, f"password={SECRETS[0]} refused"),
+        asyncpg.exceptions.InvalidPasswordError(f"token {SECRETS[1]} rejected"),
+    )
+    fn, _ = boundary_activity("db.secrets", script)
+    outcome, events = await run_workflow(time_skipping_env, task_queue, fn, "db.secrets")
+    assert isinstance(outcome, WorkflowFailureError)
+
+    dsn_script = Script(RuntimeError(f"cannot reach postgresql://admin:{SECRETS[2]}@db:5432/x"))
+    dsn_fn, _ = boundary_activity("db.dsn", dsn_script)
+    dsn_outcome, dsn_events = await run_workflow(time_skipping_env, task_queue, dsn_fn, "db.dsn")
+    assert isinstance(dsn_outcome, WorkflowFailureError)
+
+    history = _readable(events) + _readable(dsn_events)
+    assert "InfraAuthenticationError" in history, "the failure itself must be recorded"
+    assert "InfraUnexpectedError" in history
+    for secret in SECRETS:
+        assert secret not in history, f"{secret!r} leaked into the workflow history"
