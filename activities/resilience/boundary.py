@@ -115,6 +115,7 @@ class ActivityBoundary:
                 retry_after=rejected.retry_after,
             )
             log.warning("circuit_open", retry_after=round(rejected.retry_after, 3))
+            _count("onex_circuit_breaker_rejections", breaker=breaker.name)
             raise self._application_error(error, attempt, rejected.retry_after) from None
 
         started = time.perf_counter()
@@ -131,6 +132,12 @@ class ActivityBoundary:
             else:  # the dependency answered: a business or request failure
                 breaker.record_success(probe, duration)
             delay = self._retry_delay(error, attempt)
+            _count(
+                "onex_activity_failures",
+                operation=operation,
+                error_type=error.error_type,
+                retryable=str(error.retryable).lower(),
+            )
             log.warning(
                 "operation_failed",
                 error_type=error.error_type,
@@ -179,6 +186,12 @@ class ActivityBoundary:
             non_retryable=not error.retryable,
             next_retry_delay=None if delay is None else timedelta(seconds=delay),
         )
+
+
+def _count(metric: str, **labels: str) -> None:
+    """Add one to a counter of the worker's Temporal runtime (its Prometheus endpoint)."""
+    if activity.in_activity():
+        activity.metric_meter().create_counter(metric).add(1, labels)
 
 
 def _correlation_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> UUID | None:

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ParamSpec, TypeVar
 
+import structlog
+from temporalio.common import MetricMeter
+
 from contracts.resilience import BreakerSettings
 
 Clock = Callable[[], float]
@@ -67,6 +70,16 @@ class StateChange:
     new_state: BreakerState
     failure_count: int
     reset_timeout_seconds: float
+
+    def payload(self) -> dict[str, object]:
+        """The event payload, JSON-ready."""
+        return {
+            "service_name": self.service_name,
+            "previous_state": self.previous_state.value,
+            "new_state": self.new_state.value,
+            "failure_count": self.failure_count,
+            "reset_timeout_seconds": self.reset_timeout_seconds,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +339,12 @@ class CircuitBreaker:
     def _notify(self, changes: list[StateChange]) -> None:
         for change in changes:
             for listener in self._listeners:
-                listener(change)
+                try:
+                    listener(change)
+                except Exception:  # a listener's bug must not fail the guarded call
+                    structlog.get_logger("onex.breaker").exception(
+                        "circuit_breaker_listener_failed", breaker=self.name
+                    )
 
 
 class BreakerRegistry:
@@ -363,3 +381,44 @@ class BreakerRegistry:
 
 def _name(breaker: CircuitBreaker) -> str:
     return breaker.name
+
+
+def log_state_change(change: StateChange) -> None:
+    """A listener that logs every transition (warning when a breaker opens)."""
+    log = structlog.get_logger("onex.breaker")
+    level = log.warning if change.new_state is _OPEN else log.info
+    level(
+        "circuit_breaker_state_changed",
+        breaker=change.service_name,
+        previous_state=change.previous_state.value,
+        new_state=change.new_state.value,
+        failure_count=change.failure_count,
+        reset_timeout_seconds=change.reset_timeout_seconds,
+    )
+
+
+_STATE_VALUE = {_CLOSED: 0, _HALF_OPEN: 1, _OPEN: 2}
+
+
+class MetricsListener:
+    """A listener that exports transitions and the current state through a Temporal meter.
+
+    With the worker's runtime configured for Prometheus, these appear beside the SDK's own
+    metrics: ``onex_circuit_breaker_transitions`` (counter) and ``onex_circuit_breaker_state``
+    (gauge: 0 closed, 1 half-open, 2 open), both labelled by breaker.
+    """
+
+    def __init__(self, meter: MetricMeter) -> None:
+        self._transitions = meter.create_counter(
+            "onex_circuit_breaker_transitions", "Circuit breaker state changes"
+        )
+        self._state = meter.create_gauge(
+            "onex_circuit_breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open"
+        )
+
+    def __call__(self, change: StateChange) -> None:
+        labels = {"breaker": change.service_name}
+        self._transitions.add(
+            1, {**labels, "from": change.previous_state.value, "to": change.new_state.value}
+        )
+        self._state.set(_STATE_VALUE[change.new_state], labels)
