@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from activities.resilience.sanitize import register_secret
+
 ENV_PREFIX = "ONEX_"
 ENV_NESTED_DELIMITER = "__"
 
@@ -88,6 +90,10 @@ class ConsulSettings(_Section):
     datacenter: str | None = None
     token: SecretStr | None = None
     timeout: Seconds = 30.0
+    # The HTTP health check registered with each node (Consul duration strings).
+    check_interval: str = Field(default="10s", pattern=r"^\d+(ms|s|m|h)$")
+    check_timeout: str = Field(default="5s", pattern=r"^\d+(ms|s|m|h)$")
+    deregister_critical_after: str = Field(default="90s", pattern=r"^\d+(ms|s|m|h)$")
 
     @property
     def enabled(self) -> bool:
@@ -102,6 +108,25 @@ class VaultSettings(_Section):
     role_id: str | None = None
     secret_id: SecretStr | None = None
     kv_mount: str = "secret"
+    timeout: Seconds = 10.0
+    # Renew the token this long before it expires.
+    renew_before: Seconds = 300.0
+
+
+class SecretsSettings(_Section):
+    """Where logical secret names (``database.postgres.password``) are resolved from.
+
+    ``sources`` maps a logical name to ``env:VAR``, ``file:relative/or/absolute/path`` or
+    ``vault:path#field``. Unmapped names fall back to the environment variable
+    ``ONEX_SECRET_<NAME_WITH_UNDERSCORES>`` when ``env_fallback`` is on.
+    """
+
+    sources: dict[str, str] = Field(default_factory=dict)
+    secrets_dir: Path = Path("/run/secrets")
+    env_fallback: bool = True
+    env_ttl: Seconds = 86_400.0
+    file_ttl: Seconds = 86_400.0
+    vault_ttl: Seconds = 300.0
 
     @property
     def enabled(self) -> bool:
@@ -149,6 +174,7 @@ class OnexSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     consul: ConsulSettings = ConsulSettings()
     vault: VaultSettings = VaultSettings()
+    secrets: SecretsSettings = SecretsSettings()
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()
 
@@ -181,8 +207,18 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def load_settings() -> OnexSettings:
-    """Read the settings once; a bad value raises :class:`SettingsError` naming the key."""
+    """Read the settings once; a bad value raises :class:`SettingsError` naming the key.
+
+    Every secret read is registered with the sanitizer, which then scrubs it from any message.
+    """
     try:
-        return OnexSettings()
+        settings = OnexSettings()
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+    for section_name in type(settings).model_fields:
+        section = getattr(settings, section_name)
+        for key in type(section).model_fields:
+            value = getattr(section, key)
+            if isinstance(value, SecretStr):
+                register_secret(value)
+    return settings

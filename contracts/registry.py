@@ -1,0 +1,158 @@
+"""Node registry contracts: the requests users send and what the backends return (SPEC §3.3).
+
+Each operation has one request model (the workflow input) and each activity one result model.
+A forward step receives the operation's request; a compensation receives
+:class:`CompensationInput`: the same request and the result of the step it undoes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+
+
+class NodeType(StrEnum):
+    EFFECT = "effect"
+    COMPUTE = "compute"
+    REDUCER = "reducer"
+    ORCHESTRATOR = "orchestrator"
+
+
+class NodeStatus(StrEnum):
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeEndpoints(_Contract):
+    health: AnyHttpUrl = Field(description="The URL Consul's HTTP health check polls")
+
+
+class RegisterNodeRequest(_Contract):
+    """Register a node in the service catalog and the registry database at the same time."""
+
+    node_id: uuid.UUID
+    node_type: NodeType
+    node_version: str = Field(pattern=SEMVER, examples=["1.4.2"])
+    service_name: str = Field(min_length=1, max_length=200, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    address: str = Field(min_length=1, max_length=253)
+    port: int = Field(ge=1, le=65535)
+    tags: tuple[str, ...] = Field(default=(), max_length=64)
+    endpoints: NodeEndpoints
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
+    correlation_id: uuid.UUID | None = None
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_are_short_words(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
+        for tag in tags:
+            if not tag or len(tag) > 100 or any(c.isspace() for c in tag):
+                raise ValueError(f"tag {tag!r} must be 1-100 characters without spaces")
+        return tags
+
+    @property
+    def consul_service_id(self) -> str:
+        return f"onex-{self.node_type.value}-{self.node_id}"
+
+    @property
+    def consul_service_name(self) -> str:
+        return f"onex-{self.node_type.value}"
+
+
+class DeregisterNodeRequest(_Contract):
+    """Remove a node from the catalog and deactivate it in the registry."""
+
+    node_id: uuid.UUID
+    node_type: NodeType
+    reason: str = Field(default="requested", max_length=200)
+    correlation_id: uuid.UUID | None = None
+
+    @property
+    def consul_service_id(self) -> str:
+        return f"onex-{self.node_type.value}-{self.node_id}"
+
+
+class NodeRecord(_Contract):
+    """A row of the registry's nodes table."""
+
+    node_id: uuid.UUID
+    node_type: NodeType
+    node_version: str
+    service_name: str
+    address: str
+    port: int
+    tags: tuple[str, ...]
+    endpoints: dict[str, str]
+    metadata: dict[str, str]
+    status: NodeStatus
+    row_version: int
+    correlation_id: uuid.UUID | None
+    registered_at: datetime
+    updated_at: datetime
+
+
+class CompensationInput(_Contract):
+    """What a compensation activity receives: the request, and the result of the step it undoes."""
+
+    request: dict[str, Any]
+    forward_result: dict[str, Any]
+    correlation_id: uuid.UUID | None = None
+
+
+class UpsertNodeResult(_Contract):
+    """``postgres.upsert_node``: the row now, and the row before (None if it was new)."""
+
+    node: NodeRecord
+    previous: NodeRecord | None
+
+
+class RestoreNodeResult(_Contract):
+    """``postgres.restore_node``: what the compensation did."""
+
+    action: str = Field(description="restored, deleted, or unchanged")
+
+
+class DeactivateNodeResult(_Contract):
+    """``postgres.deactivate_node``: the row before (None if there was no such node)."""
+
+    previous: NodeRecord | None
+    deactivated: bool
+
+
+class GetNodeRequest(_Contract):
+    node_id: uuid.UUID
+    correlation_id: uuid.UUID | None = None
+
+
+class GetNodeResult(_Contract):
+    node: NodeRecord | None
+
+
+class EnqueueEventResult(_Contract):
+    """``postgres.enqueue_event``: False when an event with that id was already queued."""
+
+    event_id: uuid.UUID
+    enqueued: bool
+
+
+class RegisterServiceResult(_Contract):
+    """``consul.register_service``."""
+
+    service_id: str
+    service_name: str
+
+
+class DeregisterServiceResult(_Contract):
+    """``consul.deregister_service``: ``existed`` is False when it was already gone."""
+
+    service_id: str
+    existed: bool
