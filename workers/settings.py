@@ -112,6 +112,10 @@ class VaultSettings(_Section):
     # Renew the token this long before it expires.
     renew_before: Seconds = 300.0
 
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
 
 class SecretsSettings(_Section):
     """Where logical secret names (``database.postgres.password``) are resolved from.
@@ -127,10 +131,6 @@ class SecretsSettings(_Section):
     env_ttl: Seconds = 86_400.0
     file_ttl: Seconds = 86_400.0
     vault_ttl: Seconds = 300.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
 
 
 class WorkerSettings(_Section):
