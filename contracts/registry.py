@@ -145,14 +145,24 @@ class EnqueueEventResult(_Contract):
 
 
 class RegisterServiceResult(_Contract):
-    """``consul.register_service``."""
+    """``consul.register_service``; ``previous`` is the registration it replaced, if any."""
 
     service_id: str
     service_name: str
+    previous: dict[str, Any] | None = None
 
 
 class DeregisterServiceResult(_Contract):
-    """``consul.deregister_service``: ``existed`` is False when it was already gone."""
+    """``consul.deregister_service``: ``existed`` is False when it was already gone;
+    ``previous`` is the registration removed, so that the compensation can put it back."""
 
     service_id: str
     existed: bool
+    previous: dict[str, Any] | None = None
+
+
+class SkippedResult(_Contract):
+    """What a step returns when its backend is disabled in this deployment (never a success)."""
+
+    skipped: bool = True
+    reason: str

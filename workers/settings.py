@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from activities.resilience.sanitize import register_secret
 
+# The built-in contracts ship inside the contracts package.
+CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
 ENV_PREFIX = "ONEX_"
 ENV_NESTED_DELIMITER = "__"
 
@@ -141,7 +143,8 @@ class WorkerSettings(_Section):
     max_concurrent_activities: Annotated[int, Field(ge=1, le=10_000)] = 100
     max_concurrent_workflow_tasks: Annotated[int, Field(ge=1, le=10_000)] = 100
     graceful_shutdown_timeout: Seconds = 30.0
-    contract_paths: list[Path] = Field(default_factory=lambda: [Path("contracts/handlers")])
+    contract_paths: list[Path] = Field(default_factory=lambda: [CONTRACTS_DIR / "handlers"])
+    operation_paths: list[Path] = Field(default_factory=lambda: [CONTRACTS_DIR / "operations"])
     allowed_namespaces: list[str] = Field(default_factory=lambda: ["activities."])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
