@@ -281,11 +281,11 @@ def import_guard() -> Iterator[list[str]]:
                 seen.append(name)
 
     guard = Guard()
-    sys.meta_path.insert(0, guard)  # type: ignore[arg-type]
+    sys.meta_path.insert(0, guard)
     try:
         yield seen
     finally:
-        sys.meta_path.remove(guard)  # type: ignore[arg-type]
+        sys.meta_path.remove(guard)
 
 
 YAML_FIELDS = st.fixed_dictionaries(
