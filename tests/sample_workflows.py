@@ -97,3 +97,25 @@ class ObserveCorrelationWorkflow:
             ObserveCorrelationChildWorkflow.run, id=f"{workflow.info().workflow_id}-child"
         )
         return [own, child]
+
+
+class RunActivity(BaseModel):
+    """Run one activity by name with a JSON argument."""
+
+    activity: str
+    argument: dict[str, object]
+    max_attempts: int = 1
+
+
+@workflow.defn
+class RunActivityWorkflow:
+    @workflow.run
+    async def run(self, call: RunActivity) -> dict[str, object]:
+        result: dict[str, object] = await workflow.execute_activity(
+            call.activity,
+            call.argument,
+            result_type=dict,
+            start_to_close_timeout=timedelta(seconds=60),
+            retry_policy=RetryPolicy(maximum_attempts=call.max_attempts),
+        )
+        return result

@@ -24,7 +24,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from activities.resilience.sanitize import sanitize_exception
 from workers.devstack import DevStack, ServiceName, ServiceStatus, StackError
+from workers.host import WorkerStartError
 from workers.logging import configure_logging
 from workers.settings import OnexSettings, SettingsError, load_settings
 
@@ -303,6 +305,53 @@ def contracts_schema(
             f"out of date: {', '.join(stale)}; run `onex contracts schema --write`",
         )
     console.print("contract schemas are up to date")
+
+
+@app.command("worker")
+def worker() -> None:
+    """Serve activities (and workflows) until SIGTERM or SIGINT, then drain.
+
+    Loads the handler contracts (ONEX_WORKER__CONTRACT_PATHS), initializes each handler
+    (connecting its backend), prints which handlers loaded, are disabled (and why) or were
+    refused, and polls the task queue ONEX_WORKER__TASK_QUEUE. On SIGTERM it stops polling,
+    lets in-flight activities finish within ONEX_WORKER__GRACEFUL_SHUTDOWN_TIMEOUT seconds
+    (30 by default), closes its clients and exits 0.
+
+    Example: onex dev up && onex worker
+    """
+    settings = _settings()
+    try:
+        asyncio.run(_serve(settings))
+    except WorkerStartError as exc:
+        _fail(ExitCode.UNAVAILABLE, str(exc))
+    except RuntimeError as exc:  # e.g. the Temporal server cannot be reached
+        _fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_exception(exc)}")
+
+
+async def _serve(settings: OnexSettings) -> None:
+    from workers.client import connect
+    from workers.host import WorkerHost, install_signal_handlers
+
+    client = await connect(settings)
+    host = WorkerHost(settings, client, workflows=_workflows())
+    report = await host.start()
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(
+        f"serving {len(report.activities)} activities on task queue "
+        f"{settings.worker.task_queue!r} at {settings.temporal.target}",
+        markup=False,
+        highlight=False,
+    )
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await host.run(stop)
+
+
+def _workflows() -> list[type]:
+    from workflows import WORKFLOWS
+
+    return list(WORKFLOWS)
 
 
 @app.command("demo")

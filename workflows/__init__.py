@@ -1,1 +1,7 @@
-"""workflows package."""
+"""Deterministic orchestration: one module per workflow, plus the saga helper.
+
+Nothing here does I/O or imports a library that does (asyncpg, aiokafka, hvac, consul,
+structlog, os.environ): workflows run in Temporal's sandbox and are replayed.
+"""
+
+WORKFLOWS: list[type] = []

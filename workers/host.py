@@ -1,0 +1,251 @@
+"""``onex worker``: the composition root.
+
+settings → logging → secret resolver → breakers → handlers from contracts (each initialized,
+which connects its clients) → one activity per (handler, operation) named
+``<handler>.<operation>`` behind the activity boundary → the Temporal worker (pydantic data
+converter, correlation interceptor) → background services (the outbox relay).
+
+On SIGTERM or SIGINT the worker stops polling, lets in-flight activities finish within the
+graceful shutdown timeout (30 s by default), then shuts the handlers down, closing their clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.runtime import Runtime
+from temporalio.worker import Worker
+
+from activities.base import HandlerBase, HandlerConfig, HandlerResources, SecretSource
+from activities.resilience.boundary import ActivityBoundary
+from activities.resilience.breaker import BreakerRegistry, MetricsListener, log_state_change
+from activities.resilience.errors import HandlerLoadError
+from activities.resilience.sanitize import sanitize_exception
+from contracts.errors import Transport
+from contracts.registry import SkippedResult
+from workers.loader import LoadedHandler, load_handlers
+from workers.settings import OnexSettings
+
+logger = structlog.get_logger("onex.worker")
+
+
+class WorkerStartError(RuntimeError):
+    """A handler could not be initialized; the message is sanitized and says which."""
+
+
+@dataclass
+class HostedHandler:
+    loaded: LoadedHandler
+    instance: HandlerBase
+
+    @property
+    def name(self) -> str:
+        return self.loaded.contract.handler_name
+
+
+@dataclass
+class StartupReport:
+    """Which handlers serve, which are disabled (and why), which contracts were refused."""
+
+    loaded: list[dict[str, Any]] = field(default_factory=list)
+    disabled: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
+    activities: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        lines = []
+        for handler in self.loaded:
+            lines.append(
+                f"loaded   {handler['handler']:<10} {handler['target']:<22} "
+                f"{', '.join(handler['operations'])}"
+            )
+        for handler in self.disabled:
+            lines.append(f"disabled {handler['handler']:<10} {handler['reason']}")
+        for refusal in self.refused:
+            lines.append(f"refused  {refusal['subject']:<10} {refusal['message']}")
+        return lines
+
+
+class WorkerHost:
+    """Builds and runs one worker process from settings and contracts."""
+
+    def __init__(
+        self,
+        settings: OnexSettings,
+        client: Client,
+        *,
+        secrets: SecretSource | None = None,
+        workflows: Sequence[type] = (),
+        clients: dict[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        listeners: list[Callable[[Any], None]] = [log_state_change]
+        listeners.append(MetricsListener(Runtime.default().metric_meter))
+        self.breakers = BreakerRegistry(listeners=listeners)
+        self.resources = HandlerResources(
+            settings=settings, breakers=self.breakers, secrets=secrets, clients=clients or {}
+        )
+        self.workflows = list(workflows)
+        self.handlers: list[HostedHandler] = []
+        self.report = StartupReport()
+        self.worker: Worker | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self.background_services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
+        self._stop_background = asyncio.Event()
+
+    async def start(self) -> StartupReport:
+        """Load and initialize the handlers and build the Temporal worker (not yet polling)."""
+        worker_settings = self.settings.worker
+        load = load_handlers(
+            worker_settings.contract_paths, allowed_namespaces=worker_settings.allowed_namespaces
+        )
+        self.report.refused = [
+            {"code": e.loader_code, "subject": e.context.target, "message": e.message}
+            for e in load.refused
+        ]
+        activities: dict[str, Callable[..., Any]] = {}
+        for loaded in load.loaded:
+            hosted = await self._initialize(loaded)
+            self.handlers.append(hosted)
+            activities.update(self._activities_of(hosted))
+        self.report.activities = sorted(activities)
+        if not activities and not self.workflows:
+            raise WorkerStartError("no handler loaded and no workflow to serve: nothing to do")
+        self.worker = Worker(
+            self.client,
+            task_queue=worker_settings.task_queue,
+            workflows=self.workflows,
+            activities=list(activities.values()),
+            identity=worker_settings.identity,
+            max_concurrent_activities=worker_settings.max_concurrent_activities,
+            max_concurrent_workflow_tasks=worker_settings.max_concurrent_workflow_tasks,
+            graceful_shutdown_timeout=timedelta(seconds=worker_settings.graceful_shutdown_timeout),
+        )
+        for line in self.report.lines():
+            logger.info("handler_report", line=line)
+        return self.report
+
+    async def _initialize(self, loaded: LoadedHandler) -> HostedHandler:
+        contract = loaded.contract
+        instance = loaded.handler_class(self.resources)
+        config = HandlerConfig(
+            handler_name=contract.handler_name,
+            transport=Transport(contract.transport),
+            operations=tuple(contract.operations),
+            policy=contract.policy(),
+        )
+        try:
+            await instance.initialize(config)
+        except HandlerLoadError:
+            raise
+        except Exception as exc:
+            raise WorkerStartError(
+                f"handler {contract.handler_name!r} failed to initialize: {sanitize_exception(exc)}"
+            ) from None
+        hosted = HostedHandler(loaded, instance)
+        description = instance.describe()
+        if description.enabled:
+            self.report.loaded.append(
+                {
+                    "handler": contract.handler_name,
+                    "target": description.target,
+                    "operations": list(contract.operations),
+                }
+            )
+        else:
+            self.report.disabled.append(
+                {"handler": contract.handler_name, "reason": description.disabled_reason or ""}
+            )
+        return hosted
+
+    def _activities_of(self, hosted: HostedHandler) -> dict[str, Callable[..., Any]]:
+        contract = hosted.loaded.contract
+        instance = hosted.instance
+        boundary = ActivityBoundary(
+            transport=Transport(contract.transport),
+            target=instance.target,
+            policy=contract.policy(),
+            breakers=self.breakers,
+            breaker_key=getattr(instance, "breaker_key", None),
+        )
+        definitions = {}
+        for operation in contract.operations:
+            name = contract.activity_name(operation)
+            if instance.enabled:
+                implementation = boundary.wrap(operation, instance.operation(operation))
+            else:
+                implementation = _skipping(instance.operation(operation), instance)
+            definitions[name] = activity.defn(name=name)(implementation)
+        return definitions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set, then drain and shut down."""
+        if self.worker is None:
+            await self.start()
+        worker = self.worker
+        if worker is None:
+            raise WorkerStartError("the worker was not built")
+        for service in self.background_services:
+            self._background.append(asyncio.create_task(service(self._stop_background)))
+        try:
+            async with worker:
+                logger.info(
+                    "worker_started",
+                    task_queue=self.settings.worker.task_queue,
+                    activities=len(self.report.activities),
+                    workflows=len(self.workflows),
+                )
+                await stop.wait()
+                logger.info(
+                    "worker_draining", timeout=self.settings.worker.graceful_shutdown_timeout
+                )
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop background services, then every handler (each within the drain timeout)."""
+        self._stop_background.set()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, self.settings.worker.graceful_shutdown_timeout)
+        timeout = self.settings.worker.graceful_shutdown_timeout
+        for hosted in reversed(self.handlers):
+            try:
+                await hosted.instance.shutdown(timeout)
+            except Exception as exc:
+                logger.warning(
+                    "handler_shutdown_failed", handler=hosted.name, error=sanitize_exception(exc)
+                )
+        self.handlers.clear()
+        logger.info("worker_stopped")
+
+
+def _skipping(
+    operation: Callable[..., Awaitable[Any]], instance: HandlerBase
+) -> Callable[..., Awaitable[Any]]:
+    """An activity for a disabled backend: it reports the step as skipped, with the reason."""
+
+    @functools.wraps(operation)
+    async def skipped(*args: Any, **kwargs: Any) -> Any:
+        return SkippedResult(reason=instance.disabled_reason or "backend disabled")
+
+    skipped.__annotations__ = {**operation.__annotations__, "return": SkippedResult}
+    return skipped
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT ask the worker to drain and stop."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
