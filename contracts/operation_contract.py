@@ -45,6 +45,11 @@ class PartialFailureContract(_Contract):
 class EventsContract(_Contract):
     on_success: str | None = None
     on_failure: str | None = None
+    via: str = Field(
+        default="postgres.enqueue_event",
+        pattern=r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$",
+        description="The <handler>.<operation> that queues events (the outbox)",
+    )
 
     @model_validator(mode="after")
     def _topics_exist(self) -> EventsContract:
@@ -106,6 +111,8 @@ class OperationPlan(_Contract):
     steps: tuple[PlanStep, ...]
     on_success_event: str | None = None
     on_failure_event: str | None = None
+    event_activity: str | None = None
+    event_policy: ResiliencePolicy | None = None
 
     def step(self, backend: str) -> PlanStep:
         for step in self.steps:
@@ -157,7 +164,11 @@ def compile_plan(
                 compensation_policy=compensation_policy(policy) if compensation else None,
             )
         )
+    event_handler_name, event_operation = contract.events.via.split(".", 1)
+    event_handler = handlers[event_handler_name]
     return OperationPlan(
+        event_activity=event_handler.activity_name(event_operation),
+        event_policy=event_handler.policy(),
         operation=contract.operation,
         version=contract.version,
         execution_mode=contract.execution_mode,
@@ -174,6 +185,12 @@ def plan_problems(
 ) -> list[str]:
     """Every cross-reference of ``contract`` that does not resolve, as readable sentences."""
     problems = []
+    via_handler, via_operation = contract.events.via.split(".", 1)
+    if via_operation not in getattr(handlers.get(via_handler), "operations", {}):
+        problems.append(
+            f"operation {contract.operation!r}: events.via {contract.events.via!r} is not an "
+            "operation of a known handler"
+        )
     for step in contract.steps:
         handler = handlers.get(step.handler)
         where = f"operation {contract.operation!r}, step {step.backend!r}"

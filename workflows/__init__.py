@@ -4,4 +4,6 @@ Nothing here does I/O or imports a library that does (asyncpg, aiokafka, hvac, c
 structlog, os.environ): workflows run in Temporal's sandbox and are replayed.
 """
 
-WORKFLOWS: list[type] = []
+from workflows.operation import OperationWorkflow
+
+WORKFLOWS: list[type] = [OperationWorkflow]

@@ -1,0 +1,583 @@
+"""The PostgreSQL handler: the node registry, its outbox, and consumer idempotency (SPEC §5).
+
+Tables (created by the versioned migrations in ``activities/migrations/``, see
+:mod:`activities.migrate`):
+
+``onex_nodes``
+    One row per node: the source of truth of the registry. ``status`` is ``active`` or
+    ``inactive``; ``row_version`` grows by one with every change (never goes back, not even when
+    a compensation restores an older row); ``correlation_id`` is that of the last request that
+    changed the row; ``registered_at`` is the first registration.
+``onex_outbox``
+    Events waiting for the relay to publish them to Kafka, one row per ``event_id``, with the
+    topic, the message key (fixed per topic family), the envelope and the Kafka headers.
+``onex_dead_letters``
+    Outbox rows the relay gave up on (written by the relay, not here).
+``onex_processed_messages``
+    ``(domain, message_id)`` pairs a consumer has handled, for at-least-once deduplication.
+
+Idempotency rules (every operation may run again: Temporal retries it after a lost reply):
+
+* ``upsert_node`` locks the existing row, then inserts or updates it, in one transaction, and
+  returns the row before (None for a new node) for its compensation. A repeat succeeds: it
+  bumps ``row_version`` and reports the first call's row as ``previous``.
+* ``restore_node`` undoes ``upsert_node`` or ``deactivate_node`` from their result: no previous
+  row means delete it (already gone is success); otherwise put the previous row back exactly,
+  every field including ``status``, ``registered_at`` and ``updated_at``, with ``row_version``
+  moved forward. A row already equal to the previous one is left as it is, so a second call
+  changes nothing. A deactivation that changed nothing has nothing to undo.
+* ``deactivate_node`` of a missing or already inactive node is a success that changes nothing.
+* ``enqueue_event`` inserts once per ``event_id``; a repeat reports ``enqueued=False``.
+  ``upsert_node_and_enqueue`` commits the node and its event together, or neither.
+* ``check_and_record`` has exactly one winner per ``(domain, message_id)``, under any race.
+
+Each operation makes one attempt; failures propagate as native asyncpg/OS errors for the
+activity boundary to classify. The one exception is a refused password: the password is
+refreshed from the secret store, the pool rebuilt, and the operation tried once more, within
+the same call (credentials rotate; the cache may be stale). Every statement runs with the pool's
+command timeout (``query_timeout``); waiting for a connection is bounded by ``connect_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import asyncpg
+import structlog
+from pydantic import SecretStr, TypeAdapter, ValidationError
+
+from activities.base import (
+    HandlerBase,
+    HandlerConfig,
+    HandlerDescription,
+    HandlerResources,
+    SecretSource,
+)
+from activities.migrate import TARGET, migrate
+from activities.resilience.correlation import KAFKA_HEADER, current_correlation_id
+from activities.resilience.errors import ConfigurationError
+from activities.resilience.sanitize import register_secret
+from contracts.errors import ErrorContext, Transport
+from contracts.events import EventEnvelope
+from contracts.registry import (
+    CompensationInput,
+    DeactivateNodeResult,
+    DeregisterNodeRequest,
+    EnqueueEventResult,
+    GetNodeRequest,
+    GetNodeResult,
+    NodeRecord,
+    NodeStatus,
+    RegisterNodeRequest,
+    RestoreNodeResult,
+    UpsertNodeResult,
+)
+
+__all__ = [
+    "PASSWORD_SECRET",
+    "POOL_CLIENT",
+    "POOL_FACTORY_CLIENT",
+    "PostgresHandler",
+]
+
+T = TypeVar("T")
+
+PASSWORD_SECRET: Final = "database.postgres.password"  # noqa: S105 - a name, not a value
+"""The logical secret name of the database password."""
+
+POOL_CLIENT: Final = "postgres.pool"
+"""``HandlerResources.clients`` key of a ready pool to use instead of creating one."""
+
+POOL_FACTORY_CLIENT: Final = "postgres.pool_factory"
+"""``HandlerResources.clients`` key of the pool factory (default ``asyncpg.create_pool``)."""
+
+APPLICATION_NAME: Final = "onex-orchestrator"
+
+# The password was refused: refreshing it from the secret store may help (once).
+_AUTH_ERRORS: Final = (
+    asyncpg.exceptions.InvalidPasswordError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+)
+
+logger = structlog.get_logger("onex.postgres")
+
+# ---------------------------------------------------------------------------------------------
+# SQL: every value is a parameter; only these constant column lists are interpolated.
+
+_NODE_COLUMNS = (
+    "node_id, node_type, node_version, service_name, address, port, tags, endpoints, "
+    "metadata, status, row_version, correlation_id, registered_at, updated_at"
+)
+
+_SELECT_NODE = f"SELECT {_NODE_COLUMNS} FROM onex_nodes WHERE node_id = $1"  # noqa: S608
+
+_UPSERT_NODE = f"""
+INSERT INTO onex_nodes (
+    node_id, node_type, node_version, service_name, address, port, tags, endpoints, metadata,
+    status, correlation_id
+)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::jsonb, $9::jsonb, 'active', $10)
+ON CONFLICT (node_id) DO UPDATE SET
+    node_type      = EXCLUDED.node_type,
+    node_version   = EXCLUDED.node_version,
+    service_name   = EXCLUDED.service_name,
+    address        = EXCLUDED.address,
+    port           = EXCLUDED.port,
+    tags           = EXCLUDED.tags,
+    endpoints      = EXCLUDED.endpoints,
+    metadata       = EXCLUDED.metadata,
+    status         = 'active',
+    row_version    = onex_nodes.row_version + 1,
+    correlation_id = COALESCE(EXCLUDED.correlation_id, onex_nodes.correlation_id),
+    updated_at     = now()
+RETURNING {_NODE_COLUMNS}
+"""  # noqa: S608
+
+_RESTORE_NODE = """
+INSERT INTO onex_nodes (
+    node_id, node_type, node_version, service_name, address, port, tags, endpoints, metadata,
+    status, row_version, correlation_id, registered_at, updated_at
+)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14)
+ON CONFLICT (node_id) DO UPDATE SET
+    node_type      = EXCLUDED.node_type,
+    node_version   = EXCLUDED.node_version,
+    service_name   = EXCLUDED.service_name,
+    address        = EXCLUDED.address,
+    port           = EXCLUDED.port,
+    tags           = EXCLUDED.tags,
+    endpoints      = EXCLUDED.endpoints,
+    metadata       = EXCLUDED.metadata,
+    status         = EXCLUDED.status,
+    row_version    = onex_nodes.row_version + 1,
+    correlation_id = EXCLUDED.correlation_id,
+    registered_at  = EXCLUDED.registered_at,
+    updated_at     = EXCLUDED.updated_at
+"""
+
+_DELETE_NODE = "DELETE FROM onex_nodes WHERE node_id = $1"
+
+_DEACTIVATE_NODE = """
+UPDATE onex_nodes
+SET status = 'inactive',
+    row_version = row_version + 1,
+    correlation_id = COALESCE($2, correlation_id),
+    updated_at = now()
+WHERE node_id = $1
+"""
+
+_INSERT_EVENT = """
+INSERT INTO onex_outbox (event_id, topic, message_key, envelope, headers, correlation_id)
+VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING id
+"""
+
+_RECORD_PROCESSED = """
+INSERT INTO onex_processed_messages (domain, message_id, correlation_id)
+VALUES ($1, $2, $3)
+ON CONFLICT (domain, message_id) DO NOTHING
+RETURNING 1
+"""
+
+_CLEANUP_PROCESSED = """
+DELETE FROM onex_processed_messages
+WHERE processed_at < now() - $1::double precision * interval '1 second'
+"""
+
+_FORWARD_RESULT: TypeAdapter[UpsertNodeResult | DeactivateNodeResult] = TypeAdapter(
+    UpsertNodeResult | DeactivateNodeResult
+)
+
+
+class PostgresHandler(HandlerBase):
+    """The ``postgres`` handler: registry rows, outbox events, processed messages.
+
+    Seams for the composition root and tests, in ``resources.clients``: ``postgres.pool`` (a
+    ready pool, used as it is, never closed or rebuilt here) and ``postgres.pool_factory`` (a
+    callable taking ``asyncpg.create_pool``'s keyword arguments and returning an awaitable pool).
+
+    The pool is created by :meth:`initialize`; if that could not connect, the next operation
+    tries to create it again (so a worker that outlived a database outage recovers).
+    """
+
+    transport = Transport.DATABASE
+
+    def __init__(self, resources: HandlerResources) -> None:
+        super().__init__(resources)
+        self._settings = resources.settings.postgres
+        injected = resources.clients.get(POOL_CLIENT)
+        self._pool: Any = injected
+        self._owns_pool = injected is None
+        self._pool_factory: Callable[..., Awaitable[Any]] = resources.clients.get(
+            POOL_FACTORY_CLIENT, asyncpg.create_pool
+        )
+        # Serializes creating and replacing the pool (never held while a statement runs).
+        self._pool_lock = asyncio.Lock()
+        self._migrations_applied: list[str] = []
+
+    @property
+    def target(self) -> str:
+        return TARGET
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def initialize(self, config: HandlerConfig) -> None:
+        """Create the pool (unless one was injected) and bring the schema up to date."""
+        await super().initialize(config)
+        try:
+            self._migrations_applied = await self._run(migrate)
+        except BaseException:
+            await self.shutdown(self._settings.connect_timeout)
+            raise
+
+    async def shutdown(self, timeout_seconds: float = 30.0) -> None:
+        """Close the pool this handler created: gracefully within the timeout, else terminate."""
+        if not self._owns_pool:
+            return  # whoever injected it closes it
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await _close_pool(pool, timeout_seconds)
+
+    def describe(self) -> HandlerDescription:
+        settings = self._settings
+        pool = self._pool
+        details: dict[str, Any] = {
+            "host": settings.host,
+            "port": settings.port,
+            "database": settings.database,
+            "pool_min_size": settings.pool_min_size,
+            "pool_max_size": settings.pool_max_size,
+            "pool_size": pool.get_size() if pool is not None else 0,
+            "pool_idle": pool.get_idle_size() if pool is not None else 0,
+            "pool_owner": "handler" if self._owns_pool else "injected",
+            "connect_timeout": settings.connect_timeout,
+            "query_timeout": settings.query_timeout,
+            "migrations_applied": list(self._migrations_applied),
+        }
+        return super().describe().model_copy(update={"details": details})
+
+    # -- operations (one attempt each) -------------------------------------------------------
+
+    async def upsert_node(self, request: RegisterNodeRequest) -> UpsertNodeResult:
+        """Insert or update the node (active), returning the row now and the row before."""
+        return await self._run(
+            lambda connection: _write_node(connection, request), transaction=True
+        )
+
+    async def upsert_node_and_enqueue(
+        self, request: RegisterNodeRequest, envelope: EventEnvelope
+    ) -> UpsertNodeResult:
+        """:meth:`upsert_node` and :meth:`enqueue_event` in one transaction: both or neither."""
+
+        async def work(connection: Any) -> UpsertNodeResult:
+            result = await _write_node(connection, request)
+            await _insert_event(connection, envelope, operation="upsert_node_and_enqueue")
+            return result
+
+        return await self._run(work, transaction=True)
+
+    async def restore_node(self, compensation: CompensationInput) -> RestoreNodeResult:
+        """Undo ``upsert_node`` or ``deactivate_node`` from its result (the compensation)."""
+        forward = _forward_result(compensation)
+        previous = forward.previous
+        if isinstance(forward, DeactivateNodeResult):
+            if not forward.deactivated or previous is None:
+                return RestoreNodeResult(action="unchanged")  # the deactivation changed nothing
+        elif previous is None:  # the upsert created the node
+            node_id = forward.node.node_id
+            action = await self._run(lambda connection: _delete_row(connection, node_id))
+            return RestoreNodeResult(action=action)
+        action = await self._run(
+            lambda connection: _restore_row(connection, previous), transaction=True
+        )
+        return RestoreNodeResult(action=action)
+
+    async def deactivate_node(self, request: DeregisterNodeRequest) -> DeactivateNodeResult:
+        """Mark the node inactive; a missing or already inactive node is left as it is."""
+        return await self._run(
+            lambda connection: _deactivate(connection, request), transaction=True
+        )
+
+    async def get_node(self, request: GetNodeRequest) -> GetNodeResult:
+        node = await self._run(lambda connection: _fetch_node(connection, request.node_id))
+        return GetNodeResult(node=node)
+
+    async def enqueue_event(self, envelope: EventEnvelope) -> EnqueueEventResult:
+        """Queue the event for the outbox relay, once per ``event_id``."""
+        return await self._run(
+            lambda connection: _insert_event(connection, envelope, operation="enqueue_event")
+        )
+
+    # -- consumer idempotency (used by the worker's consumers, not an activity) --------------
+
+    async def check_and_record(
+        self, domain: str, message_id: uuid.UUID, correlation_id: uuid.UUID | None = None
+    ) -> bool:
+        """Record the message as processed; True for the first caller only, atomically."""
+        correlation = correlation_id or current_correlation_id()
+        inserted = await self._run(
+            lambda connection: connection.fetchval(
+                _RECORD_PROCESSED, domain, message_id, correlation
+            )
+        )
+        return inserted is not None
+
+    async def cleanup_processed(self, ttl_seconds: float) -> int:
+        """Forget processed messages older than ``ttl_seconds``; returns how many."""
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:
+            raise ValueError("ttl_seconds must be a finite number of seconds, at least 0")
+        status = await self._run(
+            lambda connection: connection.execute(_CLEANUP_PROCESSED, float(ttl_seconds))
+        )
+        return int(status.split()[-1])  # "DELETE <count>"
+
+    # -- connections and credentials ---------------------------------------------------------
+
+    async def _run(self, work: Callable[[Any], Awaitable[T]], *, transaction: bool = False) -> T:
+        """``work(connection)`` once; after a refused password, refresh it and try once more."""
+        pool: Any = None
+        try:
+            pool = await self._current_pool()
+            return await self._on_connection(pool, work, transaction)
+        except _AUTH_ERRORS as refused:
+            secrets = self.resources.secrets
+            if secrets is None or not self._owns_pool:
+                raise
+            logger.warning(
+                "postgres_credentials_refused",
+                target=self.target,
+                error_type=type(refused).__name__,
+                action="refresh password, rebuild pool, retry once",
+            )
+            pool = await self._replace_pool(pool, secrets)
+        return await self._on_connection(pool, work, transaction)
+
+    async def _on_connection(
+        self, pool: Any, work: Callable[[Any], Awaitable[T]], transaction: bool
+    ) -> T:
+        async with pool.acquire(timeout=self._settings.connect_timeout) as connection:
+            if not transaction:
+                return await work(connection)
+            async with connection.transaction():
+                return await work(connection)
+
+    async def _current_pool(self) -> Any:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await self._create_pool()
+        return self._pool
+
+    async def _replace_pool(self, stale: Any, secrets: SecretSource) -> Any:
+        """A pool built with a freshly resolved password, unless another call already did."""
+        async with self._pool_lock:
+            if self._pool is not stale and self._pool is not None:
+                return self._pool  # replaced meanwhile, by a call that refreshed already
+            await secrets.refresh(PASSWORD_SECRET)
+            fresh = await self._create_pool()
+            self._pool = fresh
+        if stale is not None:
+            await _close_pool(stale, self._settings.query_timeout)
+        return fresh
+
+    async def _create_pool(self) -> Any:
+        settings = self._settings
+        if settings.pool_min_size > settings.pool_max_size:
+            raise ConfigurationError(
+                f"postgres pool_min_size ({settings.pool_min_size}) exceeds pool_max_size "
+                f"({settings.pool_max_size})",
+                context=ErrorContext(
+                    transport=self.transport, operation="connect", target=self.target
+                ),
+            )
+        password = await self._password()
+        return await self._pool_factory(
+            host=settings.host,
+            port=settings.port,
+            user=settings.user,
+            database=settings.database,
+            password=None if password is None else password.get_secret_value(),
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            timeout=settings.connect_timeout,
+            command_timeout=settings.query_timeout,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+
+    async def _password(self) -> SecretStr | None:
+        """From the secret store when there is one and it knows the name, else the settings."""
+        secrets = self.resources.secrets
+        value = None
+        if secrets is not None:
+            value = await secrets.get_secret(PASSWORD_SECRET, required=False)
+        if value is None:
+            return self._settings.password
+        password = value if isinstance(value, SecretStr) else SecretStr(str(value))
+        register_secret(password)  # scrubbed from any message that would quote it
+        return password
+
+
+# ---------------------------------------------------------------------------------------------
+# One function per statement idea, shared by the operations above.
+
+
+async def _fetch_node(
+    connection: Any, node_id: uuid.UUID, *, for_update: bool = False
+) -> NodeRecord | None:
+    query = f"{_SELECT_NODE} FOR UPDATE" if for_update else _SELECT_NODE
+    row = await connection.fetchrow(query, node_id)
+    return None if row is None else _node_record(row)
+
+
+async def _write_node(connection: Any, request: RegisterNodeRequest) -> UpsertNodeResult:
+    """Lock the existing row (the previous one), then insert or update it. In a transaction."""
+    previous = await _fetch_node(connection, request.node_id, for_update=True)
+    row = await connection.fetchrow(
+        _UPSERT_NODE,
+        request.node_id,
+        request.node_type.value,
+        request.node_version,
+        request.service_name,
+        request.address,
+        request.port,
+        list(request.tags),
+        json.dumps(request.endpoints.model_dump(mode="json")),
+        json.dumps(request.metadata),
+        request.correlation_id or current_correlation_id(),
+    )
+    node = _node_record(row)
+    if previous is None and node.row_version != 1:
+        # Another transaction created the row after our read: we cannot name the previous row,
+        # so roll back and let the retry (which will see that row) report it.
+        raise asyncpg.exceptions.SerializationError(
+            "the node was registered concurrently; retry to learn its previous row"
+        )
+    return UpsertNodeResult(node=node, previous=previous)
+
+
+async def _restore_row(connection: Any, previous: NodeRecord) -> str:
+    """Put ``previous`` back, every field but a forward-moving ``row_version``. In a transaction."""
+    current = await _fetch_node(connection, previous.node_id, for_update=True)
+    if current is not None and _same_content(current, previous):
+        return "unchanged"
+    await connection.execute(
+        _RESTORE_NODE,
+        previous.node_id,
+        previous.node_type.value,
+        previous.node_version,
+        previous.service_name,
+        previous.address,
+        previous.port,
+        list(previous.tags),
+        json.dumps(previous.endpoints),
+        json.dumps(previous.metadata),
+        previous.status.value,
+        previous.row_version + 1,  # used only if the row is gone; else current + 1
+        previous.correlation_id,
+        previous.registered_at,
+        previous.updated_at,
+    )
+    return "restored"
+
+
+async def _delete_row(connection: Any, node_id: uuid.UUID) -> str:
+    status: str = await connection.execute(_DELETE_NODE, node_id)
+    return "deleted" if status.split()[-1] != "0" else "unchanged"
+
+
+async def _deactivate(connection: Any, request: DeregisterNodeRequest) -> DeactivateNodeResult:
+    previous = await _fetch_node(connection, request.node_id, for_update=True)
+    if previous is None or previous.status is NodeStatus.INACTIVE:
+        return DeactivateNodeResult(previous=previous, deactivated=False)
+    await connection.execute(
+        _DEACTIVATE_NODE, request.node_id, request.correlation_id or current_correlation_id()
+    )
+    return DeactivateNodeResult(previous=previous, deactivated=True)
+
+
+async def _insert_event(
+    connection: Any, envelope: EventEnvelope, *, operation: str
+) -> EnqueueEventResult:
+    try:
+        key = envelope.key()
+    except (KeyError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot enqueue event {envelope.event_id}: {envelope.event_type!r} is not a "
+            "catalog topic, or its payload lacks the topic's key field",
+            context=ErrorContext(
+                transport=Transport.DATABASE,
+                operation=operation,
+                target=TARGET,
+                correlation_id=envelope.correlation_id,
+            ),
+        ) from exc
+    row_id = await connection.fetchval(
+        _INSERT_EVENT,
+        envelope.event_id,
+        envelope.event_type,
+        key,
+        json.dumps(envelope.model_dump(mode="json")),
+        json.dumps([[KAFKA_HEADER, str(envelope.correlation_id)]]),
+        envelope.correlation_id,
+    )
+    return EnqueueEventResult(event_id=envelope.event_id, enqueued=row_id is not None)
+
+
+def _forward_result(compensation: CompensationInput) -> UpsertNodeResult | DeactivateNodeResult:
+    try:
+        return _FORWARD_RESULT.validate_python(compensation.forward_result)
+    except ValidationError as exc:
+        raise ConfigurationError(
+            "restore_node compensates postgres.upsert_node or postgres.deactivate_node: its "
+            "forward_result must be the result of one of them",
+            context=ErrorContext(
+                transport=Transport.DATABASE,
+                operation="restore_node",
+                target=TARGET,
+                correlation_id=compensation.correlation_id,
+            ),
+        ) from exc
+
+
+def _json(value: Any) -> Any:
+    """A jsonb column: text by default in asyncpg, already decoded if the pool has a codec."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _node_record(row: Any) -> NodeRecord:
+    return NodeRecord(
+        node_id=row["node_id"],
+        node_type=row["node_type"],
+        node_version=row["node_version"],
+        service_name=row["service_name"],
+        address=row["address"],
+        port=row["port"],
+        tags=tuple(row["tags"]),
+        endpoints=_json(row["endpoints"]),
+        metadata=_json(row["metadata"]),
+        status=row["status"],
+        row_version=row["row_version"],
+        correlation_id=row["correlation_id"],
+        registered_at=row["registered_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _same_content(current: NodeRecord, previous: NodeRecord) -> bool:
+    """Equal in every field but ``row_version`` (which only ever moves forward)."""
+    return current.model_dump(exclude={"row_version"}) == previous.model_dump(
+        exclude={"row_version"}
+    )
+
+
+async def _close_pool(pool: Any, timeout_seconds: float) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout_seconds)
+    except TimeoutError:
+        pool.terminate()

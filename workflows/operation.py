@@ -1,0 +1,326 @@
+"""The operation workflow: runs a plan compiled from an operation contract (SPEC §3.2 to §4.4).
+
+Steps run as the activities ``<handler>.<operation>``, in parallel or in sequence, each with its
+handler's retry policy and timeouts. The outcome aggregates to success, partial or failed; a
+step whose backend is disabled is reported as skipped, with the reason, and never as a success.
+
+* ``all_or_nothing``: any failure compensates the succeeded steps at once.
+* ``all_or_partial``: the workflow stays open in ``partial`` for the retry window. The Update
+  ``retry_failed(backend)`` re-runs only the failed steps (or one of them); succeeded steps are
+  never repeated. When the window expires, the succeeded steps are compensated.
+* Cancellation compensates the succeeded steps too (shielded), then the workflow ends cancelled.
+
+Events (started, the outcome, completed or failed) are queued in the outbox through an activity,
+with ids from ``workflow.uuid4()`` so that a replay produces the same events. The search
+attributes ``OnexOperation``, ``OnexStatus`` and ``NodeId`` stay current, and the memo holds the
+per-backend summary the Temporal UI shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import SearchAttributeKey
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from contracts.events import new_envelope
+    from contracts.operation_contract import PlanStep
+    from contracts.operations_io import (
+        BackendResult,
+        OperationInput,
+        OperationResult,
+        OperationStatus,
+        StepStatus,
+        event_payload,
+    )
+    from contracts.registry import CompensationInput
+    from workflows.saga import Compensation, Saga
+
+ONEX_OPERATION = SearchAttributeKey.for_keyword("OnexOperation")
+ONEX_STATUS = SearchAttributeKey.for_keyword("OnexStatus")
+NODE_ID = SearchAttributeKey.for_keyword("NodeId")
+CORRELATION_ID = SearchAttributeKey.for_keyword("CorrelationId")
+
+WORKFLOW_STARTED = "onex.registry.workflow.started.v1"
+WORKFLOW_COMPLETED = "onex.registry.workflow.completed.v1"
+WORKFLOW_FAILED = "onex.registry.workflow.failed.v1"
+
+
+@workflow.defn
+class OperationWorkflow:
+    """Runs one orchestrated operation from its compiled plan."""
+
+    def __init__(self) -> None:
+        self._input: OperationInput | None = None
+        self._results: dict[str, BackendResult] = {}
+        self._status = OperationStatus.RUNNING
+        self._saga = Saga()
+        self._retrying = False
+        self._failed_compensations: list[str] = []
+
+    @workflow.run
+    async def run(self, operation: OperationInput) -> OperationResult:
+        self._input = operation
+        self._results = {
+            step.backend: BackendResult(backend=step.backend) for step in operation.plan.steps
+        }
+        self._publish_attributes(initial=True)
+        await self._emit(WORKFLOW_STARTED)
+        try:
+            await self._run_steps([step.backend for step in operation.plan.steps])
+            self._aggregate()
+            if self._status is OperationStatus.PARTIAL:
+                if operation.plan.aggregation == "all_or_nothing":
+                    await self._compensate()
+                else:
+                    await self._await_retries(operation.plan.retry_window_seconds)
+        except asyncio.CancelledError:
+            workflow.logger.info("cancelled: compensating the steps that succeeded")
+            await self._compensate()
+            await self._finish()
+            raise
+        await self._finish()
+        if self._status is OperationStatus.COMPENSATION_FAILED:
+            raise ApplicationError(
+                f"compensation failed for {', '.join(self._failed_compensations)}: "
+                "the backends may hold half-done work; see the workflow's result details",
+                self.status().model_dump(mode="json"),
+                type="CompensationFailedError",
+                non_retryable=True,
+            )
+        return self.status()
+
+    @workflow.query
+    def status(self) -> OperationResult:
+        """The operation as it stands: overall status and one result per backend."""
+        operation = self._require_input()
+        started = workflow.info().start_time
+        return OperationResult(
+            operation=operation.plan.operation,
+            workflow_id=workflow.info().workflow_id,
+            status=self._status,
+            backends=list(self._results.values()),
+            correlation_id=operation.correlation_id,
+            duration_ms=round((workflow.now() - started).total_seconds() * 1000, 3),
+            failed_backends=self._failed_backends(),
+            failed_compensations=list(self._failed_compensations),
+        )
+
+    @workflow.update
+    async def retry_failed(self, backend: str | None = None) -> OperationResult:
+        """Re-run the failed steps (or only ``backend``); succeeded steps are never repeated."""
+        self._retrying = True
+        try:
+            targets = [backend] if backend else self._failed_backends()
+            await self._run_steps(targets)
+            self._aggregate()
+            self._publish_attributes()
+        finally:
+            self._retrying = False
+        return self.status()
+
+    @retry_failed.validator
+    def _validate_retry(self, backend: str | None = None) -> None:
+        if self._status is not OperationStatus.PARTIAL or self._retrying:
+            raise ValueError(
+                f"nothing to retry: the operation is {self._status.value}"
+                + (" and a retry is already running" if self._retrying else "")
+            )
+        if backend is None:
+            return
+        if backend not in self._results:
+            raise ValueError(
+                f"unknown backend {backend!r}; this operation's backends are: "
+                f"{', '.join(self._results)}"
+            )
+        if backend not in self._failed_backends():
+            raise ValueError(
+                f"backend {backend!r} did not fail ({self._results[backend].status.value}); "
+                f"failed backends: {', '.join(self._failed_backends()) or 'none'}"
+            )
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def _run_steps(self, backends: list[str]) -> None:
+        plan = self._require_input().plan
+        steps = [plan.step(backend) for backend in backends]
+        if plan.execution_mode == "parallel":
+            await asyncio.gather(*(self._run_step(step) for step in steps))
+            return
+        for step in steps:
+            await self._run_step(step)
+            if self._results[step.backend].status is StepStatus.FAILED:
+                break  # later steps depend on earlier ones in a sequence
+
+    async def _run_step(self, step: PlanStep) -> None:
+        operation = self._require_input()
+        started = workflow.now()
+        outcome = self._results[step.backend]
+        try:
+            result: dict[str, Any] = await workflow.execute_activity(
+                step.activity, operation.request, result_type=dict, **step.policy.activity_options()
+            )
+        except ActivityError as error:
+            cause = error.cause
+            details = _details(cause)
+            outcome = outcome.model_copy(
+                update={
+                    "status": StepStatus.FAILED,
+                    "success": False,
+                    "error_type": cause.type if isinstance(cause, ApplicationError) else None,
+                    "error_code": details.get("code"),
+                    "error": details.get("message") or str(cause or error),
+                    "attempts": outcome.attempts + int(details.get("attempt") or 1),
+                }
+            )
+        else:
+            if result.get("skipped"):
+                outcome = outcome.model_copy(
+                    update={
+                        "status": StepStatus.SKIPPED,
+                        "skip_reason": str(result.get("reason") or "backend disabled"),
+                        "attempts": outcome.attempts + 1,
+                    }
+                )
+            else:
+                outcome = outcome.model_copy(
+                    update={
+                        "status": StepStatus.SUCCEEDED,
+                        "success": True,
+                        "error": None,
+                        "error_code": None,
+                        "error_type": None,
+                        "result": result,
+                        "attempts": outcome.attempts + 1,
+                    }
+                )
+                if step.compensation_activity and step.compensation_policy:
+                    self._saga.push(
+                        Compensation(
+                            backend=step.backend,
+                            activity=step.compensation_activity,
+                            argument=CompensationInput(
+                                request=operation.request,
+                                forward_result=result,
+                                correlation_id=operation.correlation_id,
+                            ),
+                            policy=step.compensation_policy,
+                        )
+                    )
+        elapsed = (workflow.now() - started).total_seconds() * 1000
+        self._results[step.backend] = outcome.model_copy(
+            update={"duration_ms": round(outcome.duration_ms + elapsed, 3)}
+        )
+
+    def _failed_backends(self) -> list[str]:
+        return [
+            name for name, result in self._results.items() if result.status is StepStatus.FAILED
+        ]
+
+    def _aggregate(self) -> None:
+        statuses = [result.status for result in self._results.values()]
+        if StepStatus.FAILED not in statuses:
+            self._status = OperationStatus.SUCCESS
+        elif StepStatus.SUCCEEDED in statuses:
+            self._status = OperationStatus.PARTIAL
+        else:
+            self._status = OperationStatus.FAILED
+
+    async def _await_retries(self, window_seconds: float) -> None:
+        """Stay open in ``partial`` until retries succeed or the window expires (compensate)."""
+        self._publish_attributes()
+        try:
+            await workflow.wait_condition(
+                lambda: self._status is not OperationStatus.PARTIAL and not self._retrying,
+                timeout=timedelta(seconds=window_seconds),
+            )
+        except TimeoutError:
+            # A retry still running when the window closes is allowed to finish first.
+            await workflow.wait_condition(lambda: not self._retrying)
+            if self._status is OperationStatus.PARTIAL:
+                workflow.logger.info("retry window expired: compensating")
+                await self._compensate()
+
+    async def _compensate(self) -> None:
+        compensated, failed = await self._saga.compensate()
+        for backend in compensated:
+            self._results[backend] = self._results[backend].model_copy(
+                update={"status": StepStatus.COMPENSATED, "success": False}
+            )
+        for backend in failed:
+            self._results[backend] = self._results[backend].model_copy(
+                update={"status": StepStatus.COMPENSATION_FAILED}
+            )
+        self._failed_compensations = failed
+        if failed:
+            self._status = OperationStatus.COMPENSATION_FAILED
+        elif compensated:
+            self._status = OperationStatus.COMPENSATED
+        else:
+            self._status = OperationStatus.FAILED
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    async def _finish(self) -> None:
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        plan = self._require_input().plan
+        succeeded = self._status is OperationStatus.SUCCESS
+        outcome_event = plan.on_success_event if succeeded else plan.on_failure_event
+        if outcome_event:
+            await self._emit(outcome_event)
+        await self._emit(WORKFLOW_COMPLETED if succeeded else WORKFLOW_FAILED)
+        self._publish_attributes()
+
+    async def _emit(self, topic: str) -> None:
+        """Queue an event in the outbox; a failure to do so is logged, never fatal."""
+        operation = self._require_input()
+        plan = operation.plan
+        if plan.event_activity is None or plan.event_policy is None:
+            return
+        envelope = new_envelope(
+            topic,
+            event_payload(
+                topic, request=operation.request, result=self.status(), now=workflow.now()
+            ),
+            correlation_id=operation.correlation_id,
+            event_id=workflow.uuid4(),
+            timestamp=workflow.now(),
+        )
+        try:
+            await workflow.execute_activity(
+                plan.event_activity, envelope, **plan.event_policy.activity_options()
+            )
+        except ActivityError as error:
+            workflow.logger.warning("event %s could not be queued: %s", topic, error)
+
+    def _publish_attributes(self, *, initial: bool = False) -> None:
+        operation = self._require_input()
+        updates = [ONEX_STATUS.value_set(self._status.value)]
+        if initial:
+            updates.append(ONEX_OPERATION.value_set(operation.plan.operation))
+            updates.append(CORRELATION_ID.value_set(str(operation.correlation_id)))
+            node_id = operation.request.get("node_id")
+            if node_id:
+                updates.append(NODE_ID.value_set(str(node_id)))
+        workflow.upsert_search_attributes(updates)
+        workflow.upsert_memo(
+            {"backends": {name: result.status.value for name, result in self._results.items()}}
+        )
+
+    def _require_input(self) -> OperationInput:
+        if self._input is None:
+            raise ApplicationError("the workflow has no input yet", non_retryable=True)
+        return self._input
+
+
+def _details(cause: BaseException | None) -> dict[str, Any]:
+    """The sanitized ErrorDetails the activity boundary attached, if any."""
+    if isinstance(cause, ApplicationError) and cause.details:
+        first = cause.details[0]
+        if isinstance(first, dict):
+            return first
+    return {}

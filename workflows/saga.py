@@ -1,0 +1,69 @@
+"""The compensation stack of a saga (SPEC §4.4).
+
+Every forward step that succeeded pushes its compensation. :meth:`Saga.compensate` runs them in
+reverse order, each as an activity with its own (more patient) retry policy, shielded from
+workflow cancellation; a failed compensation is recorded and the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from contracts.resilience import ResiliencePolicy
+
+
+@dataclass(frozen=True)
+class Compensation:
+    backend: str
+    activity: str
+    argument: Any
+    policy: ResiliencePolicy
+
+
+@dataclass
+class Saga:
+    stack: list[Compensation] = field(default_factory=list)
+
+    def push(self, compensation: Compensation) -> None:
+        self.stack.append(compensation)
+
+    def discard(self, backend: str) -> None:
+        """Forget a step's compensation (it was compensated already)."""
+        self.stack = [entry for entry in self.stack if entry.backend != backend]
+
+    async def compensate(self) -> tuple[list[str], list[str]]:
+        """Run every pushed compensation, newest first; return (compensated, failed) backends."""
+        compensated: list[str] = []
+        failed: list[str] = []
+        while self.stack:
+            entry = self.stack.pop()
+            handle = workflow.start_activity(
+                entry.activity, entry.argument, **entry.policy.activity_options()
+            )
+            try:
+                await _uncancellable(handle)
+            except ActivityError as error:
+                workflow.logger.warning(
+                    "compensation %s of %s failed: %s", entry.activity, entry.backend, error
+                )
+                failed.append(entry.backend)
+            else:
+                compensated.append(entry.backend)
+        return compensated, failed
+
+
+async def _uncancellable(task: asyncio.Future[Any]) -> Any:
+    """Wait for ``task`` to finish even if the workflow is cancelled meanwhile: a cancelled
+    workflow must still undo what it did. The caller learns of the cancellation elsewhere."""
+    while True:
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                return task.result()
