@@ -129,8 +129,10 @@ class Backends:
             return await self._call(  # type: ignore[no-any-return]
                 "postgres.upsert_node",
                 request,
-                {"node": {"node_id": str(request.node_id), "status": NodeStatus.ACTIVE.value},
-                 "previous": None},
+                {
+                    "node": {"node_id": str(request.node_id), "status": NodeStatus.ACTIVE.value},
+                    "previous": None,
+                },
             )
 
         async def restore_node(compensation: CompensationInput) -> dict[str, Any]:

@@ -44,3 +44,153 @@ async def test_success_registers_in_both_backends_and_queues_events(
     registered = backends.events[1].payload
     assert registered["consul_service_id"] == f"onex-effect-{scenarios.NODE_ID}"
     assert registered["postgres_row_id"] == str(scenarios.NODE_ID)
+
+
+async def test_partial_then_targeted_retry_succeeds_without_repeating_the_success(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Consul exhausts its attempts while PostgreSQL succeeds: the workflow stays open in
+    partial; the validator refuses unknown and succeeded backends; retry_failed('consul')
+    re-runs only Consul and the operation succeeds."""
+    backends = Backends()
+    backends.script("consul.register_service", lambda n: refused(n) if n <= 3 else None)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+
+        async def partial() -> bool:
+            return (await handle.query(OperationWorkflow.status)).status is OperationStatus.PARTIAL
+
+        await wait_until(partial, within=30, what="the operation to become partial")
+        status = await handle.query(OperationWorkflow.status)
+        assert status.failed_backends == ["consul"]
+        consul = next(b for b in status.backends if b.backend == "consul")
+        assert (consul.error_type, consul.attempts) == ("InfraConnectionError", 3)
+        assert consul.error_code == "SERVICE_UNAVAILABLE"
+
+        with pytest.raises(WorkflowUpdateFailedError) as unknown:
+            await handle.execute_update(OperationWorkflow.retry_failed, "vault")
+        assert "unknown backend 'vault'" in str(unknown.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as succeeded:
+            await handle.execute_update(OperationWorkflow.retry_failed, "postgres")
+        assert "did not fail" in str(succeeded.value.cause)
+
+        retried = await handle.execute_update(OperationWorkflow.retry_failed, "consul")
+        assert retried.status is OperationStatus.SUCCESS
+        result = await handle.result()
+    assert result.status is OperationStatus.SUCCESS
+    assert len(backends.calls["postgres.upsert_node"]) == 1, "a success is never repeated"
+    assert len(backends.calls["consul.register_service"]) == 4
+    assert [e.event_type for e in backends.events][-2:] == [
+        "onex.registry.node.registered.v1",
+        "onex.registry.workflow.completed.v1",
+    ]
+
+
+async def test_partial_window_expiry_compensates_the_succeeded_steps(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Nobody retries within the 15-minute window: PostgreSQL's upsert is undone with the
+    request and its own result, and the operation ends compensated."""
+    backends = Backends()
+    backends.script("consul.register_service", refused)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+        result = await handle.result()
+    assert result.status is OperationStatus.COMPENSATED
+    assert statuses(result) == {"consul": StepStatus.FAILED, "postgres": StepStatus.COMPENSATED}
+    (compensation,) = backends.calls["postgres.restore_node"]
+    assert compensation.forward_result["previous"] is None
+    assert compensation.request["node_id"] == str(scenarios.NODE_ID)
+    assert backends.calls["consul.undo_register_service"] == []
+    assert [e.event_type for e in backends.events][-2:] == [
+        "onex.registry.node.registration_failed.v1",
+        "onex.registry.workflow.failed.v1",
+    ]
+
+
+async def test_all_or_nothing_compensates_at_once(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """With all_or_nothing, a failed step compensates the others immediately."""
+    backends = Backends()
+    backends.script("postgres.upsert_node", refused)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan(aggregation="all_or_nothing"))
+        result = await handle.result()
+    assert result.status is OperationStatus.COMPENSATED
+    assert statuses(result) == {"consul": StepStatus.COMPENSATED, "postgres": StepStatus.FAILED}
+    assert len(backends.calls["consul.undo_register_service"]) == 1
+
+
+async def test_a_failed_compensation_ends_compensation_failed_and_stays_queryable(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A compensation that keeps failing does not stop the others; the workflow fails with
+    CompensationFailedError naming it, and its status can still be queried."""
+    backends = Backends()
+    backends.script("postgres.upsert_node", refused)
+    backends.script("consul.undo_register_service", scenarios.denied)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan(aggregation="all_or_nothing"))
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        result = await result_of(handle)
+        queried = await handle.query(OperationWorkflow.status)
+    assert result.status is OperationStatus.COMPENSATION_FAILED
+    assert result.failed_compensations == ["consul"]
+    assert queried.status is OperationStatus.COMPENSATION_FAILED
+    assert len(backends.calls["consul.undo_register_service"]) == 1, "non-retryable: once"
+
+
+async def test_cancellation_compensates_what_succeeded(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Cancelled while PostgreSQL is still working: Consul's registration is undone (shielded
+    from the cancellation) and the workflow ends cancelled."""
+    backends = Backends()
+    release = asyncio.Event()
+
+    async def slow_upsert(attempt: int) -> None:
+        await release.wait()
+
+    backends.script("postgres.upsert_node", slow_upsert)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+
+        async def consul_done_and_upsert_running() -> bool:
+            status = await handle.query(OperationWorkflow.status)
+            consul = next(b for b in status.backends if b.backend == "consul")
+            return consul.success and len(backends.calls["postgres.upsert_node"]) == 1
+
+        await wait_until(consul_done_and_upsert_running, within=30, what="consul to succeed")
+        await handle.cancel()
+        try:
+            with pytest.raises(WorkflowFailureError) as failure:
+                await handle.result()
+        finally:
+            release.set()  # the abandoned upsert may end now; its result is ignored
+        status = await handle.query(OperationWorkflow.status)
+    assert "cancel" in str(failure.value.cause).lower()
+    assert len(backends.calls["consul.undo_register_service"]) == 1
+    assert statuses(status)["consul"] is StepStatus.COMPENSATED
+    assert status.status is OperationStatus.COMPENSATED
+
+
+async def test_a_disabled_backend_is_skipped_not_successful(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A step whose backend is disabled is reported as skipped with the reason."""
+    backends = Backends()
+    backends.script("consul.register_service", skipped)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        result = await (await start(client, task_queue, plan())).result()
+    consul = next(b for b in result.backends if b.backend == "consul")
+    assert (consul.status, consul.success) == (StepStatus.SKIPPED, False)
+    assert consul.skip_reason == "no Consul address is configured"
+    assert result.status is OperationStatus.SUCCESS

@@ -1,0 +1,673 @@
+"""The Consul handler against the fake Consul agent, driven by the real ``consul.aio`` client.
+
+Operations are checked for their effect on the agent's state and for their idempotency;
+failures are run through the real activity boundary to see the error class Temporal would see.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import consul.aio
+import pytest
+import structlog
+from pydantic import SecretStr
+from temporalio.exceptions import ApplicationError
+
+from activities.base import HandlerConfig, HandlerResources
+from activities.consul import (
+    CLIENT_FACTORY,
+    DISABLED_REASON,
+    TOKEN_SECRET,
+    ConsulHandler,
+    KvGetRequest,
+    KvPutRequest,
+    ServiceHealthRequest,
+)
+from activities.resilience.boundary import ActivityBoundary
+from activities.resilience.breaker import BreakerRegistry, BreakerState
+from activities.resilience.correlation import correlation_scope
+from activities.resilience.errors import ConfigurationError, InfraConnectionError
+from contracts.errors import Transport
+from contracts.registry import (
+    CompensationInput,
+    DeregisterNodeRequest,
+    RegisterNodeRequest,
+    RegisterServiceResult,
+)
+from contracts.resilience import default_policy
+from tests.fakes.consul_agent import CRITICAL, FakeConsulAgent, consul_client
+from tests.support import free_port
+from workers.settings import ConsulSettings, OnexSettings
+
+TOKEN = "consul-acl-token-0123456789"
+ROTATED = "consul-acl-token-rotated-9876"
+OPERATIONS = (
+    "register_service",
+    "undo_register_service",
+    "deregister_service",
+    "undo_deregister_service",
+    "service_health",
+    "kv_get",
+    "kv_put",
+)
+CHECK_SETTINGS: dict[str, Any] = {
+    "check_interval": "7s",
+    "check_timeout": "3s",
+    "deregister_critical_after": "2m",
+}
+
+
+class RecordingFactory:
+    """``consul.client_factory``: the fake's ``consul_client`` helper, counting the clients built
+    (and remembering the tokens they were given, to check which one a rebuild used)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str | None] = []
+
+    def __call__(self, **options: Any) -> AbstractAsyncContextManager[consul.aio.Consul]:
+        self.tokens.append(options.get("token"))
+        return consul_client(**options)
+
+
+class CachingSecrets:
+    """A secret source with a cache: ``refresh`` picks up what the store holds now."""
+
+    def __init__(self, cached: str, stored: str | None = None) -> None:
+        self.cached = cached
+        self.stored = cached if stored is None else stored
+        self.refreshed: list[str] = []
+
+    async def get_secret(self, name: str, *, required: bool = True) -> SecretStr:
+        assert name == TOKEN_SECRET
+        return SecretStr(self.cached)
+
+    async def refresh(self, name: str) -> None:
+        self.refreshed.append(name)
+        self.cached = self.stored
+
+
+class FakeClock:
+    """The breakers' monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def handler_config() -> HandlerConfig:
+    return HandlerConfig(
+        handler_name="consul",
+        transport=Transport.CONSUL,
+        operations=OPERATIONS,
+        policy=default_policy(Transport.CONSUL),
+    )
+
+
+def make_handler(
+    address: str | None,
+    *,
+    token: str | None = TOKEN,
+    factory: RecordingFactory | bool | None = None,
+    breakers: BreakerRegistry | None = None,
+    secrets: CachingSecrets | None = None,
+    **consul_settings: Any,
+) -> ConsulHandler:
+    settings = ConsulSettings(
+        address=address,
+        token=None if token is None else SecretStr(token),
+        **{**CHECK_SETTINGS, **consul_settings},
+    )
+    return ConsulHandler(
+        HandlerResources(
+            settings=OnexSettings(consul=settings),
+            breakers=breakers or BreakerRegistry(),
+            secrets=secrets,
+            # factory=False: the production client, as the worker builds it.
+            clients={} if factory is False else {CLIENT_FACTORY: factory or RecordingFactory()},
+        )
+    )
+
+
+def boundary(handler: ConsulHandler, breakers: BreakerRegistry | None = None) -> ActivityBoundary:
+    """The real activity boundary, as the worker builds it for this handler."""
+    return ActivityBoundary(
+        transport=Transport.CONSUL,
+        target=handler.target,
+        policy=default_policy(Transport.CONSUL),
+        breakers=breakers or BreakerRegistry(),
+        breaker_key=handler.breaker_key,
+    )
+
+
+async def failure_through_boundary(
+    handler: ConsulHandler, operation: Callable[[Any], Awaitable[Any]], argument: Any
+) -> ApplicationError:
+    with pytest.raises(ApplicationError) as failed:
+        await boundary(handler).wrap("register_service", operation)(argument)
+    return failed.value
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[FakeConsulAgent]:
+    async with FakeConsulAgent(token=TOKEN, datacenters=["dc1", "dc2"]) as agent:
+        yield agent
+
+
+@pytest.fixture
+async def handler(agent: FakeConsulAgent) -> AsyncIterator[ConsulHandler]:
+    """An initialized handler on the agent, with the right token, shut down afterwards."""
+    handler = make_handler(agent.address)
+    await handler.initialize(handler_config())
+    try:
+        yield handler
+    finally:
+        await handler.shutdown(5)
+
+
+def register_request(node_id: uuid.UUID | None = None, **changes: Any) -> RegisterNodeRequest:
+    fields: dict[str, Any] = {
+        "node_id": node_id or uuid.uuid4(),
+        "node_type": "effect",
+        "node_version": "1.2.3",
+        "service_name": "billing",
+        "address": "10.0.0.7",
+        "port": 8080,
+        "tags": ("blue", "eu-west-1"),
+        "endpoints": {"health": "http://10.0.0.7:8080/health"},
+        "correlation_id": uuid.uuid4(),
+        **changes,
+    }
+    return RegisterNodeRequest.model_validate(fields)
+
+
+def deregister_request(node_id: uuid.UUID) -> DeregisterNodeRequest:
+    return DeregisterNodeRequest(node_id=node_id, node_type="effect", correlation_id=uuid.uuid4())
+
+
+def compensation(request: Any, forward_result: Any) -> CompensationInput:
+    """What the saga hands the compensation, after a JSON round trip like Temporal's."""
+    return CompensationInput(
+        request=request.model_dump(mode="json"),
+        forward_result=json.loads(forward_result.model_dump_json()),
+        correlation_id=request.correlation_id,
+    )
+
+
+# -- registration --------------------------------------------------------------------------------
+
+
+async def test_register_service_with_tags_meta_and_http_check(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """The node is registered as onex-<type>-<id> / onex-<type> with its address and port, the
+    onex tags before its own, meta with node_id, node_version, correlation_id and the health URL,
+    and an HTTP check on its health endpoint timed by the settings; nothing was there before."""
+    request = register_request()
+    service_id = f"onex-effect-{request.node_id}"
+
+    result = await handler.register_service(request)
+
+    assert result == RegisterServiceResult(
+        service_id=service_id, service_name="onex-effect", previous=None
+    )
+    registration = agent.services[service_id]
+    assert registration["Name"] == "onex-effect"
+    assert (registration["Address"], registration["Port"]) == ("10.0.0.7", 8080)
+    assert registration["Tags"] == ["onex", "node-type:effect", "blue", "eu-west-1"]
+    assert registration["Meta"] == {
+        "node_id": str(request.node_id),
+        "node_version": "1.2.3",
+        "correlation_id": str(request.correlation_id),
+        "health_url": "http://10.0.0.7:8080/health",
+    }
+    assert registration["Check"] == {
+        "HTTP": "http://10.0.0.7:8080/health",
+        "Interval": "7s",
+        "Timeout": "3s",
+        "DeregisterCriticalServiceAfter": "2m",
+    }
+
+
+async def test_correlation_id_comes_from_the_context_when_the_request_has_none(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A request without a correlation id gets the one bound to the current task."""
+    request = register_request(correlation_id=None)
+    correlation_id = uuid.uuid4()
+
+    with correlation_scope(correlation_id):
+        result = await handler.register_service(request)
+
+    assert agent.services[result.service_id]["Meta"]["correlation_id"] == str(correlation_id)
+
+
+async def test_register_again_is_idempotent_and_reports_the_first_registration(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Registering the same node again succeeds, leaves one registration, and reports the first
+    one (with its check, rebuilt from its health_url meta) as previous."""
+    request = register_request()
+    first = await handler.register_service(request)
+    registered = dict(agent.services[first.service_id])
+
+    again = await handler.register_service(request)
+
+    assert list(agent.services) == [first.service_id]
+    assert agent.services[first.service_id] == registered
+    assert again.previous is not None
+    assert again.previous["ID"] == first.service_id
+    assert again.previous["Name"] == "onex-effect"
+    assert (again.previous["Address"], again.previous["Port"]) == ("10.0.0.7", 8080)
+    assert again.previous["Tags"] == registered["Tags"]
+    assert again.previous["Meta"] == registered["Meta"]
+    assert again.previous["Check"]["http"] == "http://10.0.0.7:8080/health"
+
+
+async def test_undo_register_after_a_fresh_register_removes_it(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Undoing a registration that replaced nothing deregisters the service; undoing it again
+    finds it gone, which is a success that changes nothing."""
+    request = register_request()
+    result = await handler.register_service(request)
+
+    undone = await handler.undo_register_service(compensation(request, result))
+    assert undone.action == "deregistered"
+    assert agent.services == {}
+
+    again = await handler.undo_register_service(compensation(request, result))
+    assert again.action == "unchanged"
+    assert agent.services == {}
+
+
+async def test_undo_register_after_a_re_register_restores_the_previous_definition(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A registration that replaced another is undone by registering the replaced definition
+    again, exactly (address, port, tags, meta and HTTP check); a second undo leaves it so."""
+    node_id = uuid.uuid4()
+    original = register_request(node_id)
+    await handler.register_service(original)
+    original_registration = dict(agent.services[f"onex-effect-{node_id}"])
+    update = register_request(
+        node_id,
+        node_version="1.3.0",
+        port=9090,
+        tags=("green",),
+        endpoints={"health": "http://10.0.0.7:9090/healthz"},
+    )
+    result = await handler.register_service(update)
+    assert agent.services[result.service_id]["Port"] == 9090
+
+    undone = await handler.undo_register_service(compensation(update, result))
+
+    assert undone.action == "restored"
+    assert agent.services[result.service_id] == original_registration
+    assert (await handler.undo_register_service(compensation(update, result))).action == "restored"
+    assert agent.services[result.service_id] == original_registration
+
+
+async def test_undo_register_rejects_a_foreign_forward_result(handler: ConsulHandler) -> None:
+    """A forward_result that is not a register_service result is a ConfigurationError."""
+    request = register_request()
+    bad = CompensationInput(request=request.model_dump(mode="json"), forward_result={"x": 1})
+    with pytest.raises(ConfigurationError, match="forward_result"):
+        await handler.undo_register_service(bad)
+
+
+# -- deregistration ------------------------------------------------------------------------------
+
+
+async def test_deregister_existing_returns_the_previous_registration(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Deregistering a registered node removes it: existed True, previous its registration."""
+    node_id = uuid.uuid4()
+    registered = await handler.register_service(register_request(node_id))
+
+    result = await handler.deregister_service(deregister_request(node_id))
+
+    assert result.service_id == registered.service_id
+    assert result.existed is True
+    assert result.previous is not None
+    assert result.previous["Meta"]["node_id"] == str(node_id)
+    assert agent.services == {}
+
+
+async def test_deregister_missing_is_a_success(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Deregistering a node Consul does not know succeeds with existed False (already gone)."""
+    node_id = uuid.uuid4()
+
+    result = await handler.deregister_service(deregister_request(node_id))
+
+    assert result.service_id == f"onex-effect-{node_id}"
+    assert result.existed is False
+    assert result.previous is None
+    assert ("PUT", f"/v1/agent/service/deregister/{result.service_id}") in [
+        (method, path) for method, path, _ in agent.requests
+    ]
+
+
+async def test_undo_deregister_registers_the_service_again(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Undoing a deregistration registers the removed definition again (check included);
+    undoing one that found nothing changes nothing."""
+    node_id = uuid.uuid4()
+    await handler.register_service(register_request(node_id))
+    registration = dict(agent.services[f"onex-effect-{node_id}"])
+    request = deregister_request(node_id)
+    removed = await handler.deregister_service(request)
+
+    undone = await handler.undo_deregister_service(compensation(request, removed))
+
+    assert undone.action == "restored"
+    assert agent.services[removed.service_id] == registration
+
+    missing_request = deregister_request(uuid.uuid4())
+    missing = await handler.deregister_service(missing_request)
+    nothing = await handler.undo_deregister_service(compensation(missing_request, missing))
+    assert nothing.action == "unchanged"
+    assert list(agent.services) == [removed.service_id]
+
+
+# -- health and KV -------------------------------------------------------------------------------
+
+
+async def test_service_health_counts_passing_instances_only(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Two registered instances pass; with one's check critical only the other is counted."""
+    first = await handler.register_service(register_request(address="10.0.0.1", port=8001))
+    second = await handler.register_service(register_request(address="10.0.0.2", port=8002))
+    request = ServiceHealthRequest(service_name="onex-effect")
+
+    healthy = await handler.service_health(request)
+    assert healthy.passing == 2
+    assert {(i.service_id, i.address, i.port) for i in healthy.instances} == {
+        (first.service_id, "10.0.0.1", 8001),
+        (second.service_id, "10.0.0.2", 8002),
+    }
+
+    agent.set_check_status(first.service_id, CRITICAL)
+    degraded = await handler.service_health(request)
+    assert degraded.passing == 1
+    assert [i.service_id for i in degraded.instances] == [second.service_id]
+
+    nobody = await handler.service_health(ServiceHealthRequest(service_name="onex-compute"))
+    assert (nobody.passing, nobody.instances) == (0, ())
+
+
+async def test_kv_put_get_recurse_and_missing(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Values round-trip as UTF-8 text; recurse reads a prefix; a missing key or prefix reads as
+    None; an empty value is ""; bytes that are not UTF-8 are a ConfigurationError."""
+    put = await handler.kv_put(KvPutRequest(key="onex/nodes/a", value="alpha ✓"))
+    assert (put.key, put.ok) == ("onex/nodes/a", True)
+    assert (await handler.kv_put(KvPutRequest(key="onex/nodes/b", value=""))).ok
+    assert agent.kv["onex/nodes/a"] == "alpha ✓".encode()
+
+    single = await handler.kv_get(KvGetRequest(key="onex/nodes/a"))
+    assert (single.key, single.value, single.values) == ("onex/nodes/a", "alpha ✓", None)
+    assert (await handler.kv_get(KvGetRequest(key="onex/nodes/b"))).value == ""
+
+    prefix = await handler.kv_get(KvGetRequest(key="onex/nodes/", recurse=True))
+    assert prefix.values == {"onex/nodes/a": "alpha ✓", "onex/nodes/b": ""}
+    assert prefix.value is None
+
+    assert (await handler.kv_get(KvGetRequest(key="onex/missing"))).value is None
+    assert (await handler.kv_get(KvGetRequest(key="nothing/", recurse=True))).values is None
+
+    agent.kv["onex/binary"] = b"\xff\xfe"
+    with pytest.raises(ConfigurationError, match="UTF-8"):
+        await handler.kv_get(KvGetRequest(key="onex/binary"))
+    with pytest.raises(ValueError, match="key"):
+        KvGetRequest(key="/leading-slash")
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+
+
+async def test_start_up_checks_the_configured_datacenter(agent: FakeConsulAgent) -> None:
+    """A datacenter the agent knows is accepted (and keys the target and breaker); an unknown
+    one fails initialize with a ConfigurationError naming it and the available ones."""
+    known = make_handler(agent.address, datacenter="dc2")
+    await known.initialize(handler_config())
+    try:
+        assert (known.target, known.breaker_key()) == ("consul-dc2", "dc2")
+        assert known.describe().details["datacenters"] == ["dc1", "dc2"]
+    finally:
+        await known.shutdown(5)
+
+    unknown = make_handler(agent.address, datacenter="dc9")
+    with pytest.raises(ConfigurationError) as failed:
+        await unknown.initialize(handler_config())
+    assert "'dc9'" in str(failed.value)
+    assert "dc1, dc2" in str(failed.value)
+    assert unknown.describe().details["initialized"] is False
+
+
+async def test_start_up_fails_when_the_agent_is_unreachable() -> None:
+    """Nothing listening at the address: initialize raises a (retryable) InfraConnectionError."""
+    handler = make_handler(f"127.0.0.1:{free_port()}")
+    with pytest.raises(InfraConnectionError, match="initialize on consul-default"):
+        await handler.initialize(handler_config())
+
+
+async def test_disabled_without_an_address() -> None:
+    """No address: enabled False with the reason; initialize builds nothing."""
+    factory = RecordingFactory()
+    handler = make_handler(None, factory=factory)
+
+    await handler.initialize(handler_config())
+
+    assert handler.enabled is False
+    assert handler.disabled_reason == DISABLED_REASON
+    description = handler.describe()
+    assert (description.enabled, description.disabled_reason) == (False, DISABLED_REASON)
+    assert factory.tokens == []
+    await handler.shutdown(5)
+
+
+async def test_production_client_works_and_is_discarded_quietly(agent: FakeConsulAgent) -> None:
+    """Without an injected factory the handler builds python-consul2's client itself: it
+    registers, and neither its construction (DeprecationWarnings) nor its disposal after
+    shutdown (ResourceWarning from HTTPClient.__del__) warns, with warnings as errors."""
+    handler = make_handler(agent.address, factory=False)
+    await handler.initialize(handler_config())
+    result = await handler.register_service(register_request())
+    await handler.shutdown(5)
+    del handler
+    gc.collect()
+    assert result.service_id in agent.services
+
+
+async def test_an_address_that_is_not_host_port_is_a_configuration_error() -> None:
+    """ONEX_CONSUL__ADDRESS with a scheme or a bad port fails initialize before any request."""
+    for address in ("http://127.0.0.1:8500", "127.0.0.1:port", "127.0.0.1:70000", ":8500"):
+        factory = RecordingFactory()
+        handler = make_handler(address, factory=factory)
+        with pytest.raises(ConfigurationError, match=r"must be host:port"):
+            await handler.initialize(handler_config())
+        assert factory.tokens == []
+
+
+async def test_describe_never_shows_the_token(handler: ConsulHandler) -> None:
+    """describe() reports the address, datacenter and timeouts but never the token."""
+    description = handler.describe()
+    assert description.target == "consul-default"
+    assert description.details["acl_origin"] == "settings"
+    assert TOKEN not in description.model_dump_json()
+
+
+# -- failures through the real boundary ---------------------------------------------------------
+
+
+async def test_refused_connection_is_a_retryable_connection_error(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """The agent went away after start-up: InfraConnectionError, retryable."""
+    await agent.stop()
+
+    failure = await failure_through_boundary(handler, handler.register_service, register_request())
+
+    assert failure.type == "InfraConnectionError"
+    assert not failure.non_retryable
+
+
+async def test_slow_agent_is_a_timeout(agent: FakeConsulAgent) -> None:
+    """The agent answers later than ConsulSettings.timeout: the handler gives up at its own
+    deadline (consul.aio has none) with InfraTimeoutError, retryable."""
+    handler = make_handler(agent.address, timeout=0.3)
+    await handler.initialize(handler_config())
+    try:
+        agent.set_latency(10)
+        failure = await failure_through_boundary(
+            handler, handler.register_service, register_request()
+        )
+        assert failure.type == "InfraTimeoutError"
+        assert not failure.non_retryable
+    finally:
+        agent.set_latency(0)
+        await handler.shutdown(5)
+
+
+async def test_server_error_is_retryable_unavailable(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A 500 from the agent is InfraUnavailableError, retryable; the next call works."""
+    agent.fail_next(1, 500)
+
+    failure = await failure_through_boundary(handler, handler.register_service, register_request())
+
+    assert failure.type == "InfraUnavailableError"
+    assert not failure.non_retryable
+    assert "HTTP 500" in str(failure)
+    assert (await handler.register_service(register_request())).previous is None
+
+
+async def test_refused_token_without_a_secret_store_is_not_retried(
+    agent: FakeConsulAgent,
+) -> None:
+    """A settings token cannot be refreshed: one attempt, InfraAuthenticationError."""
+    factory = RecordingFactory()
+    handler = make_handler(agent.address, token="wrong-token-value", factory=factory)
+    await handler.initialize(handler_config())
+    try:
+        failure = await failure_through_boundary(
+            handler, handler.register_service, register_request()
+        )
+        assert failure.type == "InfraAuthenticationError"
+        assert failure.non_retryable
+        assert len(factory.tokens) == 1
+    finally:
+        await handler.shutdown(5)
+
+
+async def test_bad_token_is_refreshed_once_then_fails_as_authentication(
+    agent: FakeConsulAgent,
+) -> None:
+    """The store holds a wrong token and refreshing brings back the same one: exactly one
+    refresh and one rebuilt client, then a non-retryable InfraAuthenticationError. The token is
+    in no request record, no log line and no error."""
+    bad = "bad-consul-token-42"
+    secrets = CachingSecrets(bad)
+    factory = RecordingFactory()
+    handler = make_handler(agent.address, token=None, factory=factory, secrets=secrets)
+    await handler.initialize(handler_config())
+    try:
+        before = len(agent.requests)
+        with structlog.testing.capture_logs() as logs:
+            failure = await failure_through_boundary(
+                handler, handler.register_service, register_request()
+            )
+
+        assert failure.type == "InfraAuthenticationError"
+        assert failure.non_retryable
+        assert secrets.refreshed == [TOKEN_SECRET]
+        assert factory.tokens == [bad, bad]
+        assert len(agent.requests) - before == 2  # one services() read per client
+        assert any(log["event"] == "consul_token_refused" for log in logs)
+        for text in (repr(agent.requests), repr(logs), str(failure), repr(failure.details)):
+            assert bad not in text
+            assert TOKEN not in text
+    finally:
+        await handler.shutdown(5)
+
+
+async def test_rotated_token_is_refreshed_once_within_the_call(agent: FakeConsulAgent) -> None:
+    """The agent's token rotated and the secret cache is stale: the call refreshes once,
+    rebuilds the client with the new token and succeeds in the same invocation; the next call
+    needs no refresh. Neither token shows in requests or logs."""
+    secrets = CachingSecrets(TOKEN, stored=ROTATED)
+    factory = RecordingFactory()
+    handler = make_handler(agent.address, token=None, factory=factory, secrets=secrets)
+    await handler.initialize(handler_config())
+    try:
+        agent.rotate_token(ROTATED)
+        register = boundary(handler).wrap("register_service", handler.register_service)
+        with structlog.testing.capture_logs() as logs:
+            result = await register(register_request())
+            await handler.kv_put(KvPutRequest(key="k", value="v"))
+
+        assert result.service_id in agent.services
+        assert secrets.refreshed == [TOKEN_SECRET]
+        assert factory.tokens == [TOKEN, ROTATED]
+        assert agent.kv == {"k": b"v"}
+        assert all(h.get("X-Consul-Token") == "<redacted>" for _, _, h in agent.requests[1:])
+        for text in (repr(agent.requests), repr(logs)):
+            assert TOKEN not in text
+            assert ROTATED not in text
+    finally:
+        await handler.shutdown(5)
+
+
+async def test_breaker_per_datacenter_opens_and_recovers(agent: FakeConsulAgent) -> None:
+    """Three 500s open the datacenter's breaker (consul:dc1, failure_threshold 3), which then
+    rejects without reaching the agent. Healthy again and the clock past open_seconds: two
+    probe successes close it."""
+    policy = default_policy(Transport.CONSUL)
+    clock = FakeClock()
+    breakers = BreakerRegistry(clock=clock)
+    handler = make_handler(agent.address, datacenter="dc1", breakers=breakers)
+    await handler.initialize(handler_config())
+    try:
+        register = boundary(handler, breakers).wrap("register_service", handler.register_service)
+        threshold = policy.circuit_breaker.failure_threshold
+        assert threshold == 3
+        agent.fail_next(threshold, 500)
+
+        for _ in range(threshold):
+            with pytest.raises(ApplicationError) as failed:
+                await register(register_request())
+            assert failed.value.type == "InfraUnavailableError"
+        breaker = breakers.get("consul:dc1", policy.circuit_breaker)
+        assert breaker.state is BreakerState.OPEN
+
+        seen = len(agent.requests)
+        with pytest.raises(ApplicationError) as rejected:
+            await register(register_request())
+        assert rejected.value.type == "InfraUnavailableError"
+        assert not rejected.value.non_retryable
+        assert "not attempted" in str(rejected.value)
+        assert len(agent.requests) == seen
+
+        clock.now += policy.circuit_breaker.open_seconds + 1
+        assert breaker.state is BreakerState.HALF_OPEN
+        assert (await register(register_request())).previous is None
+        assert breaker.state is BreakerState.HALF_OPEN  # one probe success of the two needed
+        assert (await register(register_request())).previous is None
+        assert breaker.state is BreakerState.CLOSED
+    finally:
+        await handler.shutdown(5)
