@@ -1,0 +1,389 @@
+"""The outbox relay: carries committed ``onex_outbox`` rows to Kafka, at least once (SPEC §5).
+
+A business write and its outbox row commit in one transaction (see :func:`enqueue`); the relay,
+running inside the worker process (not as an activity), publishes the rows afterwards. Kafka
+being down never blocks a registration: its events wait in the outbox.
+
+How a drain works (:meth:`OutboxRelay.drain`), one pass over the outbox:
+
+1. In a transaction, claim up to ``batch_size`` unpublished rows past the last claimed id,
+   oldest first, ``FOR UPDATE SKIP LOCKED``: relays running side by side never claim the same
+   row, and a row another relay just published is re-checked after locking and left out.
+2. Publish each through the :class:`~activities.kafka.EventPublisher` (stored topic, key,
+   headers, the envelope's JSON), in id order.
+3. In the same transaction: mark published rows ``published_at = now()``; record failures;
+   move rows that used up their attempts to ``onex_dead_letters`` (INSERT ... SELECT, then
+   DELETE). Commit; the next batch starts after the last claimed id.
+
+What counts toward dead-lettering (``max_attempts``, 3 by default). Only a publish the broker
+or the client *refused for this record* counts: an error that
+:func:`~activities.resilience.classify.classify` calls non-retryable (record too large,
+authorization or authentication refused, invalid topic or configuration, anything
+unclassified). Those increment ``attempts`` and set ``last_error``; the publish that brings
+``attempts`` to ``max_attempts`` moves the row to the dead letters with the same reason.
+Retryable failures (connection, timeout, unavailable, rate limited) mean the broker is down or
+busy, not that the record is bad: they set ``last_error`` but never increment ``attempts``, so
+the row waits for Kafka however long it is away. An open circuit breaker
+(:class:`~activities.resilience.breaker.CircuitOpenError`) leaves the row untouched, and the
+topic is left out of the rest of the drain: the broker is known to be down, nothing was tried.
+
+Reasons and ``last_error`` name the classified kind of failure and the native exception's class
+(``InfraAuthenticationError: TopicAuthorizationFailedError``), built from class names only:
+never the native exception's text, which may hold a broker address or credentials. Log lines
+of the relay carry the same, or :func:`~activities.resilience.sanitize.sanitize_exception`.
+
+Rows stay locked only while their batch's transaction is open, and that transaction is open
+while the batch is published. With Kafka down, a publish fails after about
+``request_timeout_ms`` (aiokafka's metadata wait, or the expiry of an unsent batch; never more
+than ``delivery_timeout_ms``, which bounds the whole call), and only ``failure_threshold`` (3)
+publishes per topic are tried before its breaker opens and the remaining rows of that topic are
+skipped without a network call. So with Kafka down a batch holds its locks for about
+3 x ``request_timeout_ms`` per topic (3 s with the tests' 1 s), and later drains try one
+half-open probe per topic once the breaker's ``open_seconds`` passed. Other relays skip locked
+rows, and business inserts never wait on them.
+
+A relay that publishes a row and then fails to commit (the database went away) leaves the row
+unpublished, so it is published again later: delivery is at least once, and consumers dedupe on
+``event_id`` (:class:`~activities.kafka.DedupingConsumer`).
+
+Wake-ups: :meth:`OutboxRelay.run` holds one pooled connection for its whole life and LISTENs on
+channel ``onex_outbox`` (a statement-level trigger NOTIFYs on every insert). A notification, or
+``poll_interval`` without one (the fallback for missed notifications, e.g. across a reconnect),
+starts the next drain. If that connection is lost it is replaced on the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from activities.kafka import envelope_headers
+from activities.resilience.breaker import CircuitOpenError
+from activities.resilience.classify import classify
+from activities.resilience.errors import InfraError
+from activities.resilience.sanitize import sanitize_exception
+from contracts.errors import ErrorContext, Transport
+from contracts.events import EventEnvelope
+
+__all__ = ["CHANNEL", "DrainResult", "OutboxRelay", "Publisher", "enqueue"]
+
+CHANNEL = "onex_outbox"
+LAST_ERROR_LENGTH = 300
+
+logger = structlog.get_logger("onex.outbox")
+
+
+class Publisher(Protocol):
+    """What the relay needs of :class:`~activities.kafka.EventPublisher`."""
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> Any: ...
+
+
+_INSERT = """
+INSERT INTO onex_outbox (event_id, topic, message_key, envelope, headers, correlation_id)
+VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING id
+"""
+
+
+async def enqueue(connection: Any, envelope: EventEnvelope) -> int | None:
+    """Insert ``envelope`` into the outbox on ``connection`` (inside the caller's transaction).
+
+    The row holds the catalog topic (without prefix), the message key, the envelope's JSON and
+    its headers as a JSON array of ``[name, text]`` pairs. Returns the row id, or None when an
+    event with the same ``event_id`` is already there (a retried activity enqueues it once).
+    """
+    headers = [[name, value.decode()] for name, value in envelope_headers(envelope)]
+    row_id: int | None = await connection.fetchval(
+        _INSERT,
+        envelope.event_id,
+        envelope.event_type,
+        envelope.key(),
+        envelope.model_dump_json(),
+        json.dumps(headers),
+        envelope.correlation_id,
+    )
+    return row_id
+
+
+_CLAIM = """
+SELECT id, event_id, topic, message_key, envelope::text AS envelope, headers::text AS headers,
+       correlation_id, attempts
+FROM onex_outbox
+WHERE published_at IS NULL AND id > $1 AND topic <> ALL($3::text[])
+ORDER BY id
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+_MARK_PUBLISHED = "UPDATE onex_outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
+_RECORD_DEFERRED = """
+UPDATE onex_outbox AS o SET last_error = f.reason
+FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+WHERE o.id = f.id
+"""
+_RECORD_FAILED = """
+UPDATE onex_outbox AS o SET attempts = o.attempts + 1, last_error = f.reason
+FROM unnest($1::bigint[], $2::text[]) AS f(id, reason)
+WHERE o.id = f.id
+"""
+_DEAD_LETTER = """
+INSERT INTO onex_dead_letters (outbox_id, event_id, topic, message_key, envelope, headers,
+                               correlation_id, attempts, reason, created_at)
+SELECT o.id, o.event_id, o.topic, o.message_key, o.envelope, o.headers, o.correlation_id,
+       o.attempts + 1, f.reason, o.created_at
+FROM onex_outbox AS o JOIN unnest($1::bigint[], $2::text[]) AS f(id, reason) ON o.id = f.id
+ON CONFLICT (outbox_id) DO NOTHING
+"""
+_DELETE = "DELETE FROM onex_outbox WHERE id = ANY($1::bigint[])"
+
+
+@dataclass
+class DrainResult:
+    """What one batch (or a whole drain) did."""
+
+    claimed: int = 0
+    published: int = 0
+    failed: int = 0  # refused publishes that count toward dead-lettering
+    deferred: int = 0  # transport failures: the row waits, attempts unchanged
+    dead_lettered: int = 0
+    skipped: int = 0  # rows claimed but not tried because their topic's breaker is open
+
+    def add(self, other: DrainResult) -> None:
+        self.claimed += other.claimed
+        self.published += other.published
+        self.failed += other.failed
+        self.deferred += other.deferred
+        self.dead_lettered += other.dead_lettered
+        self.skipped += other.skipped
+
+
+def _headers(row: Any) -> list[tuple[str, bytes]]:
+    """The row's stored headers, completed with ``event_id`` and ``event_type`` when missing.
+
+    Stored as ``[[name, text], ...]`` (also read: ``[{"key": name, "value": text}, ...]`` and a
+    ``{name: text}`` map), so every event carries the same headers whoever enqueued it.
+    """
+    raw = row["headers"]
+    data: Any = json.loads(raw) if raw else []
+    items = data.items() if isinstance(data, dict) else data
+    headers: list[tuple[str, bytes]] = []
+    for item in items:
+        if isinstance(item, dict):
+            name, value = item["key"], item["value"]
+        else:
+            name, value = item
+        headers.append((str(name), value.encode() if isinstance(value, str) else bytes(value)))
+    names = {name for name, _ in headers}
+    if "event_id" not in names:
+        headers.append(("event_id", str(row["event_id"]).encode()))
+    if "event_type" not in names:
+        headers.append(("event_type", row["topic"].encode()))
+    return headers
+
+
+def _reason(error: InfraError, exc: BaseException) -> str:
+    """``<our error class>: <native class>``, e.g. ``ConfigurationError: RecordTooLargeError``.
+
+    Built from class names only, never from the exception's text. It is not passed through
+    ``sanitize_text``: its credential markers match class names such as
+    ``TopicAuthorizationFailedError`` and would blank the one useful fact.
+    """
+    return f"{error.error_type}: {type(exc).__name__}"[:LAST_ERROR_LENGTH]
+
+
+class OutboxRelay:
+    """Publishes outbox rows through ``publisher``; see the module docstring for the rules.
+
+    ``pool`` is an asyncpg pool; :meth:`run` holds one of its connections for LISTEN while it
+    runs, and each batch of :meth:`drain` uses one more for its transaction.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        publisher: Publisher,
+        *,
+        batch_size: int = 100,
+        poll_interval: float = 1.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if batch_size < 1 or max_attempts < 1 or poll_interval <= 0:
+            raise ValueError("batch_size and max_attempts must be >= 1, poll_interval > 0")
+        self.pool = pool
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.max_attempts = max_attempts
+        self.totals = DrainResult()
+        self.drains = 0
+        self._wake = asyncio.Event()
+
+    # -- draining ----------------------------------------------------------------------------
+
+    async def drain(self) -> int:
+        """One pass over the unpublished rows; returns how many were published."""
+        result = DrainResult()
+        blocked: set[str] = set()
+        after = 0
+        while True:
+            batch, last_id = await self._drain_batch(after, blocked)
+            result.add(batch)
+            if batch.claimed < self.batch_size or last_id is None:
+                break
+            after = last_id
+        self.totals.add(result)
+        self.drains += 1
+        if result.claimed:
+            log = logger.warning if result.dead_lettered or result.deferred else logger.info
+            log(
+                "outbox_drained",
+                published=result.published,
+                failed=result.failed,
+                deferred=result.deferred,
+                dead_lettered=result.dead_lettered,
+                skipped=result.skipped,
+                blocked_topics=sorted(blocked),
+            )
+        return result.published
+
+    async def _drain_batch(self, after: int, blocked: set[str]) -> tuple[DrainResult, int | None]:
+        result = DrainResult()
+        published: list[int] = []
+        deferred: tuple[list[int], list[str]] = ([], [])
+        failed: tuple[list[int], list[str]] = ([], [])
+        dead: tuple[list[int], list[str]] = ([], [])
+        async with self.pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(_CLAIM, after, self.batch_size, sorted(blocked))
+            result.claimed = len(rows)
+            for row in rows:
+                topic: str = row["topic"]
+                if topic in blocked:
+                    result.skipped += 1
+                    continue
+                try:
+                    await self.publisher.publish(
+                        topic,
+                        row["envelope"].encode(),
+                        key=row["message_key"],
+                        headers=_headers(row),
+                    )
+                except CircuitOpenError:
+                    # Kafka is known to be down for this topic: not an attempt, nothing to record.
+                    blocked.add(topic)
+                    result.skipped += 1
+                    continue
+                except Exception as exc:
+                    error = classify(exc, self._context(topic, row["correlation_id"]))
+                    reason = _reason(error, exc)
+                    if error.retryable:
+                        target = deferred
+                    elif row["attempts"] + 1 >= self.max_attempts:
+                        target = dead
+                    else:
+                        target = failed
+                    target[0].append(row["id"])
+                    target[1].append(reason)
+                    logger.debug(
+                        "outbox_publish_failed",
+                        outbox_id=row["id"],
+                        topic=topic,
+                        error_type=error.error_type,
+                        counted=not error.retryable,
+                    )
+                    continue
+                published.append(row["id"])
+            if published:
+                await connection.execute(_MARK_PUBLISHED, published)
+            if deferred[0]:
+                await connection.execute(_RECORD_DEFERRED, *deferred)
+            if failed[0]:
+                await connection.execute(_RECORD_FAILED, *failed)
+            if dead[0]:
+                await connection.execute(_DEAD_LETTER, *dead)
+                await connection.execute(_DELETE, dead[0])
+        result.published = len(published)
+        result.deferred = len(deferred[0])
+        result.failed = len(failed[0]) + len(dead[0])
+        result.dead_lettered = len(dead[0])
+        for outbox_id, reason in zip(*dead, strict=True):
+            logger.warning("outbox_dead_lettered", outbox_id=outbox_id, reason=reason)
+        return result, (rows[-1]["id"] if rows else None)
+
+    @staticmethod
+    def _context(topic: str, correlation_id: uuid.UUID | None) -> ErrorContext:
+        return ErrorContext(
+            transport=Transport.KAFKA,
+            operation="outbox.publish",
+            target=topic,
+            correlation_id=correlation_id,
+        )
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drain on every NOTIFY on ``onex_outbox``, or every ``poll_interval``, until ``stop``."""
+        listener: Any = None
+        try:
+            while not stop.is_set():
+                if listener is None or listener.is_closed():
+                    listener = await self._relisten(listener)
+                self._wake.clear()  # a NOTIFY arriving during the drain wakes the next one
+                try:
+                    await self.drain()
+                except Exception as exc:  # the database is away: try again at the next wake-up
+                    logger.warning("outbox_drain_failed", error=sanitize_exception(exc))
+                await self._sleep(stop)
+        finally:
+            if listener is not None:
+                await self._unlisten(listener)
+
+    def _notified(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def _relisten(self, previous: Any) -> Any:
+        if previous is not None:
+            await self._unlisten(previous)
+        try:
+            connection = await self.pool.acquire()
+        except Exception as exc:
+            logger.warning("outbox_listen_failed", error=sanitize_exception(exc))
+            return None
+        try:
+            await connection.add_listener(CHANNEL, self._notified)
+        except Exception as exc:
+            logger.warning("outbox_listen_failed", error=sanitize_exception(exc))
+            await self.pool.release(connection)
+            return None
+        return connection
+
+    async def _unlisten(self, connection: Any) -> None:
+        try:
+            if not connection.is_closed():
+                await connection.remove_listener(CHANNEL, self._notified)
+        finally:
+            await self.pool.release(connection)
+
+    async def _sleep(self, stop: asyncio.Event) -> None:
+        """Until a notification, ``stop``, or ``poll_interval`` (the poll fallback)."""
+        waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
