@@ -27,7 +27,8 @@
   one breaker for the whole target (``kafka:kafka``).
 * :class:`DedupingConsumer` consumes catalog topics in a consumer group with manual commits,
   skips what it cannot parse, and calls the handler once per ``event_id`` (an
-  :class:`IdempotencyStore`, e.g. :class:`PostgresIdempotencyStore`, picks one winner).
+  :class:`IdempotencyStore` such as ``activities.postgres.PostgresIdempotencyStore`` picks
+  one winner).
 """
 
 from __future__ import annotations
@@ -59,7 +60,6 @@ __all__ = [
     "EventPublisher",
     "IdempotencyStore",
     "KafkaHandler",
-    "PostgresIdempotencyStore",
     "PublishResult",
     "PublishedRecord",
     "client_options",
@@ -354,37 +354,6 @@ class IdempotencyStore(Protocol):
     async def check_and_record(
         self, domain: str, message_id: uuid.UUID, correlation_id: uuid.UUID | None = None
     ) -> bool: ...
-
-
-_INSERT_PROCESSED = """
-INSERT INTO onex_processed_messages (domain, message_id, correlation_id)
-VALUES ($1, $2, $3)
-ON CONFLICT (domain, message_id) DO NOTHING
-RETURNING message_id
-"""
-_DELETE_PROCESSED = "DELETE FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
-
-
-class PostgresIdempotencyStore:
-    """:class:`IdempotencyStore` over ``onex_processed_messages`` (an asyncpg pool).
-
-    The primary key (domain, message_id) decides: a concurrent insert of the same pair waits for
-    the first one and then does nothing, so exactly one ``INSERT ... RETURNING`` returns a row.
-    """
-
-    def __init__(self, pool: Any) -> None:
-        self.pool = pool
-
-    async def check_and_record(
-        self, domain: str, message_id: uuid.UUID, correlation_id: uuid.UUID | None = None
-    ) -> bool:
-        """True the first time (domain, message_id) is seen, False for every duplicate."""
-        inserted = await self.pool.fetchval(_INSERT_PROCESSED, domain, message_id, correlation_id)
-        return inserted is not None
-
-    async def discard(self, domain: str, message_id: uuid.UUID) -> None:
-        """Forget a message whose handling failed, so that its redelivery is handled."""
-        await self.pool.execute(_DELETE_PROCESSED, domain, message_id)
 
 
 Handle = Callable[[EventEnvelope], Awaitable[None]]

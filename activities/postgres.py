@@ -190,6 +190,39 @@ DELETE FROM onex_processed_messages
 WHERE processed_at < now() - $1::double precision * interval '1 second'
 """
 
+_FORGET_PROCESSED = "DELETE FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
+
+
+class PostgresIdempotencyStore:
+    """Consumer idempotency over ``onex_processed_messages`` (an asyncpg pool or connection).
+
+    The primary key (domain, message_id) decides: a concurrent insert of the same pair waits
+    for the first one and then does nothing, so exactly one caller gets True.
+    """
+
+    def __init__(self, executor: Any) -> None:
+        self.executor = executor
+
+    async def check_and_record(
+        self, domain: str, message_id: uuid.UUID, correlation_id: uuid.UUID | None = None
+    ) -> bool:
+        """True the first time (domain, message_id) is seen, False for every duplicate."""
+        correlation = correlation_id or current_correlation_id()
+        inserted = await self.executor.fetchval(_RECORD_PROCESSED, domain, message_id, correlation)
+        return inserted is not None
+
+    async def discard(self, domain: str, message_id: uuid.UUID) -> None:
+        """Forget a message whose handling failed, so that its redelivery is handled."""
+        await self.executor.execute(_FORGET_PROCESSED, domain, message_id)
+
+    async def cleanup_expired(self, ttl_seconds: float) -> int:
+        """Forget processed messages older than ``ttl_seconds``; returns how many."""
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:
+            raise ValueError("ttl_seconds must be a finite number of seconds, at least 0")
+        status = await self.executor.execute(_CLEANUP_PROCESSED, float(ttl_seconds))
+        return int(status.split()[-1])  # "DELETE <count>"
+
+
 _FORWARD_RESULT: TypeAdapter[UpsertNodeResult | DeactivateNodeResult] = TypeAdapter(
     UpsertNodeResult | DeactivateNodeResult
 )
@@ -320,22 +353,17 @@ class PostgresHandler(HandlerBase):
         self, domain: str, message_id: uuid.UUID, correlation_id: uuid.UUID | None = None
     ) -> bool:
         """Record the message as processed; True for the first caller only, atomically."""
-        correlation = correlation_id or current_correlation_id()
-        inserted = await self._run(
-            lambda connection: connection.fetchval(
-                _RECORD_PROCESSED, domain, message_id, correlation
+        return await self._run(
+            lambda connection: PostgresIdempotencyStore(connection).check_and_record(
+                domain, message_id, correlation_id
             )
         )
-        return inserted is not None
 
     async def cleanup_processed(self, ttl_seconds: float) -> int:
         """Forget processed messages older than ``ttl_seconds``; returns how many."""
-        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:
-            raise ValueError("ttl_seconds must be a finite number of seconds, at least 0")
-        status = await self._run(
-            lambda connection: connection.execute(_CLEANUP_PROCESSED, float(ttl_seconds))
+        return await self._run(
+            lambda connection: PostgresIdempotencyStore(connection).cleanup_expired(ttl_seconds)
         )
-        return int(status.split()[-1])  # "DELETE <count>"
 
     # -- connections and credentials ---------------------------------------------------------
 

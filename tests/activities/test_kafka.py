@@ -24,10 +24,10 @@ from activities.kafka import (
     DedupingConsumer,
     EventPublisher,
     KafkaHandler,
-    PostgresIdempotencyStore,
     PublishResult,
     client_options,
 )
+from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState, CircuitOpenError
 from contracts.errors import Transport

@@ -21,8 +21,9 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from activities.kafka import DedupingConsumer, EventPublisher, PostgresIdempotencyStore
+from activities.kafka import DedupingConsumer, EventPublisher
 from activities.outbox import OutboxRelay, enqueue
+from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import BreakerSettings
