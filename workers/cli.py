@@ -16,35 +16,27 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from enum import IntEnum
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from activities.resilience.sanitize import sanitize_exception
+from workers import operations_cli
+from workers.cli_support import (
+    EPILOG,
+    ExitCode,
+    JsonOption,
+    T,
+    console,
+    err_console,
+    fail,
+    settings_or_exit,
+)
 from workers.devstack import DevStack, ServiceName, ServiceStatus, StackError
 from workers.host import WorkerStartError
-from workers.logging import configure_logging
-from workers.settings import OnexSettings, SettingsError, load_settings
-
-
-class ExitCode(IntEnum):
-    OK = 0
-    BAD_INPUT = 2
-    PARTIAL = 3
-    FAILED = 4
-    NOT_FOUND = 5
-    UNAVAILABLE = 6
-
-
-EPILOG = (
-    "Settings come from ONEX_<SECTION>__<KEY> environment variables (or a .env file), "
-    "e.g. ONEX_POSTGRES__PORT=5433. Exit codes: 0 ok, 2 bad input, 3 partial, "
-    "4 failed/compensated, 5 not found, 6 service unavailable."
-)
+from workers.settings import OnexSettings
 
 app = typer.Typer(
     name="onex",
@@ -85,33 +77,12 @@ contracts_app = typer.Typer(
 )
 app.add_typer(contracts_app, name="contracts")
 
-err_console = Console(stderr=True)
-console = Console()
-
-T = TypeVar("T")
-
-
-def _fail(code: ExitCode, message: str) -> NoReturn:
-    err_console.print(
-        f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True
-    )
-    raise typer.Exit(code)
-
-
-def _settings() -> OnexSettings:
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        _fail(ExitCode.BAD_INPUT, str(exc))
-    configure_logging(settings.worker.log_level)
-    return settings
-
 
 def _run_stack(action: Callable[[], T]) -> T:
     try:
         return action()
     except StackError as exc:
-        _fail(ExitCode.UNAVAILABLE, str(exc))
+        fail(ExitCode.UNAVAILABLE, str(exc))
 
 
 def _status_table(statuses: list[ServiceStatus]) -> Table:
@@ -145,9 +116,6 @@ def _print_statuses(statuses: list[ServiceStatus], *, as_json: bool) -> None:
         console.print(_status_table(statuses))
 
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
 @dev_app.command("up")
 def dev_up(as_json: JsonOption = False) -> None:
     """Start the stack in the background and wait until every service answers.
@@ -159,7 +127,7 @@ def dev_up(as_json: JsonOption = False) -> None:
 
     Example: onex dev up
     """
-    settings = _settings()
+    settings = settings_or_exit()
     stack = DevStack(settings)
     started = time.monotonic()
     if not as_json:
@@ -182,7 +150,7 @@ def dev_down(
 
     Example: onex dev down --purge
     """
-    stack = DevStack(_settings())
+    stack = DevStack(settings_or_exit())
     stopped = _run_stack(lambda: stack.down(purge=purge))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     if purge:
@@ -198,7 +166,7 @@ def dev_status(as_json: JsonOption = False) -> None:
 
     Example: onex dev status --json
     """
-    statuses = DevStack(_settings()).status()
+    statuses = DevStack(settings_or_exit()).status()
     _print_statuses(statuses, as_json=as_json)
     if any(status.state != "running" for status in statuses):
         raise typer.Exit(ExitCode.UNAVAILABLE)
@@ -215,7 +183,7 @@ def dev_logs(
 
     Example: onex dev logs postgres -n 100
     """
-    stack = DevStack(_settings())
+    stack = DevStack(settings_or_exit())
     names = [service] if service else list(ServiceName)
     for name in names:
         path = stack.log_path(name)
@@ -249,7 +217,7 @@ def contracts_validate(
     """
     from workers.validate import validate_contracts
 
-    report = validate_contracts(_settings(), paths or [])
+    report = validate_contracts(settings_or_exit(), paths or [])
     if as_json:
         typer.echo(
             json.dumps(
@@ -300,11 +268,51 @@ def contracts_schema(
         return
     stale = stale_schemas()
     if stale:
-        _fail(
+        fail(
             ExitCode.BAD_INPUT,
             f"out of date: {', '.join(stale)}; run `onex contracts schema --write`",
         )
     console.print("contract schemas are up to date")
+
+
+app.command("register-node")(operations_cli.register_node_command)
+app.command("deregister-node")(operations_cli.deregister_node_command)
+app.command("retry")(operations_cli.retry_command)
+app.command("status")(operations_cli.status_command)
+app.command("replay")(operations_cli.replay_command)
+
+db_app = typer.Typer(
+    help="The registry database.\n\nExample:\n\n  onex db migrate",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply the registry's pending migrations (a no-op when up to date).
+
+    Safe to run from several places at once: runners serialize on an advisory lock. The worker
+    also migrates at start.
+
+    Example: onex db migrate
+    """
+    from activities.migrate import migrate_dsn
+
+    settings = settings_or_exit()
+    password = settings.postgres.password
+    try:
+        applied = asyncio.run(
+            migrate_dsn(
+                settings.postgres.dsn,
+                password=password.get_secret_value() if password else None,
+            )
+        )
+    except Exception as exc:
+        fail(ExitCode.UNAVAILABLE, f"migration failed: {sanitize_exception(exc)}")
+    console.print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
 
 
 @app.command("worker")
@@ -319,13 +327,13 @@ def worker() -> None:
 
     Example: onex dev up && onex worker
     """
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         asyncio.run(_serve(settings))
     except WorkerStartError as exc:
-        _fail(ExitCode.UNAVAILABLE, str(exc))
+        fail(ExitCode.UNAVAILABLE, str(exc))
     except RuntimeError as exc:  # e.g. the Temporal server cannot be reached
-        _fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_exception(exc)}")
+        fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_exception(exc)}")
 
 
 async def _serve(settings: OnexSettings) -> None:
@@ -360,7 +368,7 @@ def demo() -> None:
 
     Example: onex demo
     """
-    settings = _settings()
+    settings = settings_or_exit()
     stack = DevStack(settings)
     console.print("[bold]ONEX Orchestrator demo[/bold]: starting the embedded stack ...")
     statuses = _run_stack(lambda: asyncio.run(stack.up()))

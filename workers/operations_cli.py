@@ -1,0 +1,301 @@
+"""``onex register-node | deregister-node | retry | status | replay``: thin wrappers over the
+client helpers in :mod:`workers.client`, which Python users call directly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from activities.resilience.sanitize import sanitize_exception
+from contracts.operations_io import OperationResult, OperationStatus
+from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
+from workers.cli_support import ExitCode, JsonOption, console, fail, settings_or_exit
+from workers.client import (
+    OperationNotFound,
+    Operations,
+    connect,
+    deregister_node,
+    get_status,
+    register_node,
+    retry_failed,
+)
+from workers.settings import OnexSettings
+
+R = TypeVar("R")
+
+STATUS_EXIT = {
+    OperationStatus.SUCCESS: ExitCode.OK,
+    OperationStatus.RUNNING: ExitCode.OK,
+    OperationStatus.PARTIAL: ExitCode.PARTIAL,
+    OperationStatus.FAILED: ExitCode.FAILED,
+    OperationStatus.COMPENSATED: ExitCode.FAILED,
+    OperationStatus.COMPENSATION_FAILED: ExitCode.FAILED,
+}
+
+
+def _with_client(settings: OnexSettings, action: Callable[[Client], Awaitable[R]]) -> R:
+    async def run() -> R:
+        try:
+            client = await connect(settings)
+        except RuntimeError as exc:
+            fail(
+                ExitCode.UNAVAILABLE,
+                f"cannot reach Temporal at {settings.temporal.target}: "
+                f"{sanitize_exception(exc)} (is `onex dev up` running?)",
+            )
+        return await action(client)
+
+    return asyncio.run(run())
+
+
+def result_table(result: OperationResult) -> Table:
+    table = Table(title=f"{result.operation}: {result.status.value}")
+    for column in ("backend", "status", "attempts", "ms", "detail"):
+        table.add_column(column)
+    for backend in result.backends:
+        detail = backend.error or backend.skip_reason or ""
+        if backend.error_type:
+            detail = f"{backend.error_type}: {detail}"
+        table.add_row(
+            backend.backend,
+            backend.status.value,
+            str(backend.attempts),
+            f"{backend.duration_ms:.0f}",
+            detail,
+        )
+    return table
+
+
+def report(result: OperationResult, *, as_json: bool) -> None:
+    """Print the result and exit with the code its status calls for."""
+    if as_json:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        console.print(result_table(result))
+        console.print(f"workflow id:    {result.workflow_id}", markup=False, highlight=False)
+        console.print(f"correlation id: {result.correlation_id}", markup=False, highlight=False)
+        if result.status is OperationStatus.PARTIAL:
+            console.print(
+                f"retry with: onex retry {result.workflow_id}", markup=False, highlight=False
+            )
+    raise typer.Exit(STATUS_EXIT[result.status])
+
+
+def _parse_metadata(pairs: list[str]) -> dict[str, str]:
+    metadata = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(ExitCode.BAD_INPUT, f"--meta takes key=value, got {pair!r}")
+        metadata[key] = value
+    return metadata
+
+
+def _request_or_exit(model: type[R], data: dict[str, Any]) -> R:
+    try:
+        return model.model_validate(data)  # type: ignore[attr-defined, no-any-return]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        fail(ExitCode.BAD_INPUT, f"invalid request: {problems}")
+
+
+def _start(
+    settings: OnexSettings,
+    starter: Callable[..., Awaitable[Any]],
+    request: Any,
+    *,
+    wait: bool,
+    as_json: bool,
+) -> None:
+    try:
+        operations = Operations.load(settings)
+    except ValueError as exc:
+        fail(ExitCode.BAD_INPUT, str(exc))
+
+    async def run(client: Client) -> Any:
+        try:
+            return await starter(
+                client, request, settings=settings, wait=wait, operations=operations
+            )
+        except WorkflowFailureError as failure:
+            fail(ExitCode.FAILED, f"the operation failed: {failure.cause}")
+
+    outcome = _with_client(settings, run)
+    if isinstance(outcome, OperationResult):
+        report(outcome, as_json=as_json)
+    message = {"workflow_id": outcome.id, "run_id": outcome.result_run_id, "status": "started"}
+    typer.echo(json.dumps(message) if as_json else f"started {outcome.id}")
+
+
+def register_node_command(
+    node_type: Annotated[str, typer.Option(help="effect, compute, reducer or orchestrator")],
+    service_name: Annotated[str, typer.Option(help="Lower-case service name, e.g. billing")],
+    address: Annotated[str, typer.Option(help="Host or IP the node serves on")],
+    port: Annotated[int, typer.Option(help="Port the node serves on")],
+    health_url: Annotated[str, typer.Option(help="HTTP health endpoint Consul will poll")],
+    node_id: Annotated[
+        str | None, typer.Option(help="The node's UUID (a new one when omitted)")
+    ] = None,
+    node_version: Annotated[str, typer.Option("--version", help="Semantic version")] = "0.1.0",
+    tag: Annotated[list[str] | None, typer.Option(help="A tag (repeatable)")] = None,
+    meta: Annotated[list[str] | None, typer.Option(help="key=value metadata (repeatable)")] = None,
+    correlation_id: Annotated[str | None, typer.Option(help="Reuse a correlation id")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the outcome")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Register a node in Consul and PostgreSQL at once (workflow onex-register-node-<id>).
+
+    A registration still running for the same node is attached to, not duplicated. Exit 0
+    success, 3 partial (retry with `onex retry`), 4 failed or compensated, 2 bad input.
+
+    Example: onex register-node --node-type effect --service-name billing --address 10.0.0.7
+    --port 8080 --health-url http://10.0.0.7:8080/health --tag blue
+    """
+    settings = settings_or_exit()
+    request = _request_or_exit(
+        RegisterNodeRequest,
+        {
+            "node_id": node_id or str(uuid.uuid4()),
+            "node_type": node_type,
+            "node_version": node_version,
+            "service_name": service_name,
+            "address": address,
+            "port": port,
+            "tags": tag or [],
+            "endpoints": {"health": health_url},
+            "metadata": _parse_metadata(meta or []),
+            "correlation_id": correlation_id,
+        },
+    )
+    _start(settings, register_node, request, wait=wait, as_json=as_json)
+
+
+def deregister_node_command(
+    node_id: Annotated[str, typer.Option(help="The node's UUID")],
+    node_type: Annotated[str, typer.Option(help="effect, compute, reducer or orchestrator")],
+    reason: Annotated[str, typer.Option(help="Why, for the deregistered event")] = "requested",
+    correlation_id: Annotated[str | None, typer.Option(help="Reuse a correlation id")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the outcome")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove a node from Consul and deactivate it in PostgreSQL (all or nothing).
+
+    Example: onex deregister-node --node-id 3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70 --node-type effect
+    """
+    settings = settings_or_exit()
+    request = _request_or_exit(
+        DeregisterNodeRequest,
+        {
+            "node_id": node_id,
+            "node_type": node_type,
+            "reason": reason,
+            "correlation_id": correlation_id,
+        },
+    )
+    _start(settings, deregister_node, request, wait=wait, as_json=as_json)
+
+
+def retry_command(
+    workflow_id: Annotated[str, typer.Argument(help="The partial operation's workflow id")],
+    backend: Annotated[
+        str | None, typer.Option(help="Retry only this failed backend (default: all failed)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Re-run the failed backends of a partial operation; succeeded ones are never repeated.
+
+    Refused (exit 2) when the operation is not partial, or the backend is unknown or did not
+    fail. Exit 5 when there is no such workflow.
+
+    Example: onex retry onex-register-node-3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70 --backend consul
+    """
+    settings = settings_or_exit()
+
+    async def run(client: Client) -> OperationResult:
+        try:
+            return await retry_failed(client, workflow_id, backend)
+        except OperationNotFound:
+            fail(ExitCode.NOT_FOUND, f"no operation with workflow id {workflow_id!r}")
+        except WorkflowUpdateFailedError as refused:
+            fail(ExitCode.BAD_INPUT, f"retry refused: {refused.cause}")
+        except RPCError as error:
+            fail(ExitCode.BAD_INPUT, f"retry refused: {error.message}")
+
+    report(_with_client(settings, run), as_json=as_json)
+
+
+def status_command(
+    workflow_id: Annotated[str, typer.Argument(help="The operation's workflow id")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show an operation's status and per-backend outcome (running or finished).
+
+    Exit codes follow the status: 0 success or running, 3 partial, 4 failed or compensated,
+    5 not found.
+
+    Example: onex status onex-register-node-3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70 --json
+    """
+    settings = settings_or_exit()
+
+    async def run(client: Client) -> OperationResult:
+        try:
+            return await get_status(client, workflow_id)
+        except OperationNotFound:
+            fail(ExitCode.NOT_FOUND, f"no operation with workflow id {workflow_id!r}")
+
+    report(_with_client(settings, run), as_json=as_json)
+
+
+def replay_command(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="A history JSON file or a directory of them"),
+    ] = None,
+    query: Annotated[
+        str | None,
+        typer.Option(help="Replay the histories of the workflows a visibility query lists"),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Replay recorded histories against the current workflow code (non-determinism check).
+
+    Examples: onex replay tests/histories/ ;
+    onex replay --query "OnexOperation='register_node' AND CloseTime > '2026-01-01T00:00:00Z'"
+    """
+    from workers.replay import replay_files, replay_query
+
+    if (source is None) == (query is None):
+        fail(ExitCode.BAD_INPUT, "give a history file or directory, or --query (one of them)")
+    if source is not None:
+        path = Path(source)
+        if not path.exists():
+            fail(ExitCode.NOT_FOUND, f"{source} does not exist")
+        outcomes = asyncio.run(replay_files(path))
+    else:
+        settings = settings_or_exit()
+        outcomes = _with_client(settings, lambda client: replay_query(client, query or ""))
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    if as_json:
+        typer.echo(json.dumps([outcome.__dict__ for outcome in outcomes], indent=2))
+    else:
+        for outcome in outcomes:
+            mark = "ok    " if outcome.ok else "FAILED"
+            console.print(f"{mark} {outcome.name} {outcome.error or ''}", markup=False)
+        console.print(f"{len(outcomes)} replayed, {len(failed)} failed")
+    if not outcomes:
+        raise typer.Exit(ExitCode.NOT_FOUND)
+    if failed:
+        raise typer.Exit(ExitCode.FAILED)
