@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 ONEX   := $(BIN)/onex
 
 .DEFAULT_GOAL := help
-.PHONY: help demo run test lint typecheck unit bench lock stack-up stack-down clean
+.PHONY: help demo run test lint typecheck unit bench lock stack-up stack-down clean record-histories
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -62,3 +62,7 @@ lock: $(VENV)/.installed-dev ## re-resolve the pinned dependencies after editing
 
 clean: ## remove the virtual environment and caches (not the stack's data: see onex dev down --purge)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+record-histories: $(VENV)/.installed-dev ## re-record the golden workflow histories on purpose
+	ONEX_RECORD_HISTORIES=1 $(BIN)/pytest tests/workflows/test_operation.py -q
+	@echo "recorded into tests/histories/: review the diff and commit it"

@@ -24,10 +24,10 @@ import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.common import SearchAttributeKey
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from tests.support import free_port
+from workers.converter import DATA_CONVERTER
 from workers.devstack import SEARCH_ATTRIBUTES, DevStack, ServiceName, create_topics, superuser_dsn
 from workers.settings import (
     DevSettings,
@@ -55,7 +55,8 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """A real Temporal dev server for the whole session (no UI)."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=_binary("temporal"),
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
+        identity="onex-tests",
         search_attributes=[SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES],
         dev_server_log_level="error",
     )
@@ -70,7 +71,8 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """The time-skipping test server: durable timers pass as fast as the workflow allows."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=_binary("temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
+        identity="onex-tests",
     )
     # The test server starts without custom search attributes; workflows upsert ours.
     await env.client.operator_service.add_search_attributes(

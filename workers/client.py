@@ -26,7 +26,6 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
@@ -34,6 +33,7 @@ from activities.resilience.correlation import ensure_correlation_id
 from contracts.operation_contract import OperationContract, OperationPlan, compile_plan
 from contracts.operations_io import OperationInput, OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
+from workers.converter import DATA_CONVERTER
 from workers.interceptors import CORRELATION_ID_ATTRIBUTE, CorrelationInterceptor
 from workers.settings import OnexSettings
 from workflows.operation import OperationWorkflow
@@ -54,7 +54,7 @@ async def connect(settings: OnexSettings) -> Client:
     return await Client.connect(
         temporal.target,
         namespace=temporal.namespace,
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
         interceptors=[CorrelationInterceptor()],
         api_key=api_key,
         tls=TLSConfig() if temporal.tls or api_key else False,

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from workers.converter import DATA_CONVERTER
 from workers.interceptors import CorrelationInterceptor
 from workflows import WORKFLOWS
 
@@ -27,7 +27,7 @@ class ReplayOutcome:
 def replayer(workflows: list[type] | None = None) -> Replayer:
     return Replayer(
         workflows=workflows or WORKFLOWS,
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
         interceptors=[CorrelationInterceptor()],
     )
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from workers.cli import ExitCode, app
+from workers.cli import app
+from workers.cli_support import ExitCode
 
 runner = CliRunner()
 

@@ -9,6 +9,7 @@ histories that the replay tests check.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -29,6 +30,7 @@ from contracts.operation_contract import OperationPlan, compile_plan
 from contracts.operations_io import OperationInput, OperationResult
 from contracts.registry import (
     CompensationInput,
+    DeregisterNodeRequest,
     EnqueueEventResult,
     NodeStatus,
     RegisterNodeRequest,
@@ -140,11 +142,28 @@ class Backends:
                 "postgres.restore_node", compensation, {"action": "deleted"}
             )
 
+        async def deregister_service(request: DeregisterNodeRequest) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "consul.deregister_service",
+                request,
+                {"service_id": request.consul_service_id, "existed": True, "previous": None},
+            )
+
+        async def undo_deregister_service(compensation: CompensationInput) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "consul.undo_deregister_service", compensation, {"action": "unchanged"}
+            )
+
+        async def deactivate_node(request: DeregisterNodeRequest) -> dict[str, Any]:
+            return await self._call(  # type: ignore[no-any-return]
+                "postgres.deactivate_node", request, {"previous": None, "deactivated": False}
+            )
+
         async def enqueue_event(envelope: EventEnvelope) -> EnqueueEventResult:
             self.events.append(envelope)
             return EnqueueEventResult(event_id=envelope.event_id, enqueued=True)
 
-        definitions = {
+        definitions: dict[str, Callable[..., Awaitable[Any]]] = {
             "consul.register_service": consul.wrap("register_service", register_service),
             "consul.undo_register_service": consul.wrap(
                 "undo_register_service", undo_register_service
@@ -152,6 +171,11 @@ class Backends:
             "postgres.upsert_node": postgres.wrap("upsert_node", upsert_node),
             "postgres.restore_node": postgres.wrap("restore_node", restore_node),
             "postgres.enqueue_event": postgres.wrap("enqueue_event", enqueue_event),
+            "consul.deregister_service": consul.wrap("deregister_service", deregister_service),
+            "consul.undo_deregister_service": consul.wrap(
+                "undo_deregister_service", undo_deregister_service
+            ),
+            "postgres.deactivate_node": postgres.wrap("deactivate_node", deactivate_node),
         }
         return [activity.defn(name=name)(fn) for name, fn in definitions.items()]
 
@@ -173,7 +197,11 @@ def skipped(attempt: int) -> dict[str, Any]:
 
 def worker(client: Client, task_queue: str, backends: Backends) -> Worker:
     return Worker(
-        client, task_queue=task_queue, workflows=WORKFLOWS, activities=backends.activities()
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=backends.activities(),
+        identity="onex-test-worker",
     )
 
 
@@ -181,7 +209,7 @@ async def start(
     client: Client,
     task_queue: str,
     operation_plan: OperationPlan,
-    node_request: RegisterNodeRequest | None = None,
+    node_request: RegisterNodeRequest | DeregisterNodeRequest | None = None,
 ) -> WorkflowHandle[Any, OperationResult]:
     node_request = node_request or request()
     return await client.start_workflow(
@@ -197,3 +225,12 @@ async def start(
 
 
 HISTORIES = Path(__file__).resolve().parents[1] / "histories"
+
+
+async def record(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """With ONEX_RECORD_HISTORIES=1 (``make record-histories``), keep the history as golden."""
+    if os.environ.get("ONEX_RECORD_HISTORIES") != "1":
+        return
+    history = await handle.fetch_history()
+    HISTORIES.mkdir(exist_ok=True)
+    (HISTORIES / f"{name}.json").write_text(history.to_json() + "\n")

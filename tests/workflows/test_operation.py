@@ -12,15 +12,16 @@ import pytest
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
-from contracts.operations_io import OperationStatus, StepStatus
+from contracts.operations_io import OperationResult, OperationStatus, StepStatus
+from contracts.registry import DeregisterNodeRequest
 from tests.support import wait_until
 from tests.workflows import scenarios
-from tests.workflows.scenarios import Backends, plan, refused, skipped, start, worker
+from tests.workflows.scenarios import Backends, plan, record, refused, skipped, start, worker
 from workers.client import result_of
 from workflows.operation import OperationWorkflow
 
 
-def statuses(result) -> dict[str, StepStatus]:  # type: ignore[no-untyped-def]
+def statuses(result: OperationResult) -> dict[str, StepStatus]:
     return {backend.backend: backend.status for backend in result.backends}
 
 
@@ -33,6 +34,7 @@ async def test_success_registers_in_both_backends_and_queues_events(
     async with worker(time_skipping_env.client, task_queue, backends):
         handle = await start(time_skipping_env.client, task_queue, plan())
         result = await handle.result()
+    await record(handle, "register_success")
     assert result.status is OperationStatus.SUCCESS
     assert statuses(result) == {"consul": StepStatus.SUCCEEDED, "postgres": StepStatus.SUCCEEDED}
     assert result.failed_backends == []
@@ -78,6 +80,7 @@ async def test_partial_then_targeted_retry_succeeds_without_repeating_the_succes
         retried = await handle.execute_update(OperationWorkflow.retry_failed, "consul")
         assert retried.status is OperationStatus.SUCCESS
         result = await handle.result()
+    await record(handle, "register_partial_retry_success")
     assert result.status is OperationStatus.SUCCESS
     assert len(backends.calls["postgres.upsert_node"]) == 1, "a success is never repeated"
     assert len(backends.calls["consul.register_service"]) == 4
@@ -98,6 +101,7 @@ async def test_partial_window_expiry_compensates_the_succeeded_steps(
     async with worker(client, task_queue, backends):
         handle = await start(client, task_queue, plan())
         result = await handle.result()
+    await record(handle, "register_partial_window_expired_compensated")
     assert result.status is OperationStatus.COMPENSATED
     assert statuses(result) == {"consul": StepStatus.FAILED, "postgres": StepStatus.COMPENSATED}
     (compensation,) = backends.calls["postgres.restore_node"]
@@ -120,6 +124,7 @@ async def test_all_or_nothing_compensates_at_once(
     async with worker(client, task_queue, backends):
         handle = await start(client, task_queue, plan(aggregation="all_or_nothing"))
         result = await handle.result()
+    await record(handle, "register_all_or_nothing_compensated")
     assert result.status is OperationStatus.COMPENSATED
     assert statuses(result) == {"consul": StepStatus.COMPENSATED, "postgres": StepStatus.FAILED}
     assert len(backends.calls["consul.undo_register_service"]) == 1
@@ -140,6 +145,7 @@ async def test_a_failed_compensation_ends_compensation_failed_and_stays_queryabl
             await handle.result()
         result = await result_of(handle)
         queried = await handle.query(OperationWorkflow.status)
+    await record(handle, "register_compensation_failed")
     assert result.status is OperationStatus.COMPENSATION_FAILED
     assert result.failed_compensations == ["consul"]
     assert queried.status is OperationStatus.COMPENSATION_FAILED
@@ -175,6 +181,7 @@ async def test_cancellation_compensates_what_succeeded(
         finally:
             release.set()  # the abandoned upsert may end now; its result is ignored
         status = await handle.query(OperationWorkflow.status)
+    await record(handle, "register_cancelled_compensated")
     assert "cancel" in str(failure.value.cause).lower()
     assert len(backends.calls["consul.undo_register_service"]) == 1
     assert statuses(status)["consul"] is StepStatus.COMPENSATED
@@ -189,8 +196,34 @@ async def test_a_disabled_backend_is_skipped_not_successful(
     backends.script("consul.register_service", skipped)
     client = time_skipping_env.client
     async with worker(client, task_queue, backends):
-        result = await (await start(client, task_queue, plan())).result()
+        handle = await start(client, task_queue, plan())
+        result = await handle.result()
+    await record(handle, "register_consul_skipped")
     consul = next(b for b in result.backends if b.backend == "consul")
     assert (consul.status, consul.success) == (StepStatus.SKIPPED, False)
     assert consul.skip_reason == "no Consul address is configured"
     assert result.status is OperationStatus.SUCCESS
+
+
+async def test_deregistration_removes_from_both_and_announces_it(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """deregister_node runs both steps in parallel and queues the deregistered event."""
+    backends = Backends()
+    client = time_skipping_env.client
+    request = DeregisterNodeRequest(
+        node_id=scenarios.NODE_ID,
+        node_type="effect",
+        reason="decommissioned",
+        correlation_id=scenarios.CORRELATION_ID,
+    )
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan("deregister_node"), request)
+        result = await handle.result()
+    await record(handle, "deregister_success")
+    assert result.status is OperationStatus.SUCCESS
+    deregistered = next(
+        e for e in backends.events if e.event_type == "onex.registry.node.deregistered.v1"
+    )
+    assert deregistered.payload["reason"] == "decommissioned"
+    assert deregistered.payload["consul_deregistered"] is True
