@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -207,13 +208,15 @@ def _reason(error: InfraError, exc: BaseException) -> str:
 class OutboxRelay:
     """Publishes outbox rows through ``publisher``; see the module docstring for the rules.
 
-    ``pool`` is an asyncpg pool; :meth:`run` holds one of its connections for LISTEN while it
-    runs, and each batch of :meth:`drain` uses one more for its transaction.
+    ``pool`` is an asyncpg pool, or an async callable returning the current one (the worker
+    passes the PostgreSQL handler's, which is rebuilt after a credential refresh); :meth:`run`
+    holds one of its connections for LISTEN while it runs, and each batch of :meth:`drain`
+    uses one more for its transaction.
     """
 
     def __init__(
         self,
-        pool: Any,
+        pool: Any | Callable[[], Awaitable[Any]],
         publisher: Publisher,
         *,
         batch_size: int = 100,
@@ -223,6 +226,7 @@ class OutboxRelay:
         if batch_size < 1 or max_attempts < 1 or poll_interval <= 0:
             raise ValueError("batch_size and max_attempts must be >= 1, poll_interval > 0")
         self.pool = pool
+        self._listen_pool: Any = None
         self.publisher = publisher
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -265,7 +269,8 @@ class OutboxRelay:
         deferred: tuple[list[int], list[str]] = ([], [])
         failed: tuple[list[int], list[str]] = ([], [])
         dead: tuple[list[int], list[str]] = ([], [])
-        async with self.pool.acquire() as connection, connection.transaction():
+        pool = await self._current_pool()
+        async with pool.acquire() as connection, connection.transaction():
             rows = await connection.fetch(_CLAIM, after, self.batch_size, sorted(blocked))
             result.claimed = len(rows)
             for row in rows:
@@ -350,6 +355,11 @@ class OutboxRelay:
             if listener is not None:
                 await self._unlisten(listener)
 
+    async def _current_pool(self) -> Any:
+        if hasattr(self.pool, "acquire"):
+            return self.pool
+        return await self.pool()
+
     def _notified(self, *_args: object) -> None:
         self._wake.set()
 
@@ -357,7 +367,8 @@ class OutboxRelay:
         if previous is not None:
             await self._unlisten(previous)
         try:
-            connection = await self.pool.acquire()
+            self._listen_pool = await self._current_pool()
+            connection = await self._listen_pool.acquire()
         except Exception as exc:
             logger.warning("outbox_listen_failed", error=sanitize_exception(exc))
             return None
@@ -365,7 +376,7 @@ class OutboxRelay:
             await connection.add_listener(CHANNEL, self._notified)
         except Exception as exc:
             logger.warning("outbox_listen_failed", error=sanitize_exception(exc))
-            await self.pool.release(connection)
+            await self._listen_pool.release(connection)
             return None
         return connection
 
@@ -374,7 +385,7 @@ class OutboxRelay:
             if not connection.is_closed():
                 await connection.remove_listener(CHANNEL, self._notified)
         finally:
-            await self.pool.release(connection)
+            await self._listen_pool.release(connection)
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         """Until a notification, ``stop``, or ``poll_interval`` (the poll fallback)."""

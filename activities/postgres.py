@@ -395,6 +395,10 @@ class PostgresHandler(HandlerBase):
             async with connection.transaction():
                 return await work(connection)
 
+    async def current_pool(self) -> Any:
+        """The pool in use now (rebuilt after a credential refresh), for background services."""
+        return await self._current_pool()
+
     async def _current_pool(self) -> Any:
         if self._pool is None:
             async with self._pool_lock:

@@ -337,11 +337,9 @@ def worker() -> None:
 
 
 async def _serve(settings: OnexSettings) -> None:
-    from workers.client import connect
-    from workers.host import WorkerHost, install_signal_handlers
+    from workers.host import build_host, install_signal_handlers
 
-    client = await connect(settings)
-    host = WorkerHost(settings, client, workflows=_workflows())
+    host = await build_host(settings, workflows=_workflows())
     report = await host.start()
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -61,6 +61,7 @@ class StartupReport:
     disabled: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, str]] = field(default_factory=list)
     activities: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         lines = []
@@ -73,6 +74,8 @@ class StartupReport:
             lines.append(f"disabled {handler['handler']:<10} {handler['reason']}")
         for refusal in self.refused:
             lines.append(f"refused  {refusal['subject']:<10} {refusal['message']}")
+        for service in self.services:
+            lines.append(f"running  {service}")
         return lines
 
 
@@ -102,6 +105,8 @@ class WorkerHost:
         self.worker: Worker | None = None
         self._background: list[asyncio.Task[None]] = []
         self.background_services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
+        self.relay: Any = None
+        self.closers: list[Callable[[], object]] = []
         self._stop_background = asyncio.Event()
 
     async def start(self) -> StartupReport:
@@ -122,6 +127,7 @@ class WorkerHost:
         self.report.activities = sorted(activities)
         if not activities and not self.workflows:
             raise WorkerStartError("no handler loaded and no workflow to serve: nothing to do")
+        self._wire_outbox_relay()
         self.worker = Worker(
             self.client,
             task_queue=worker_settings.task_queue,
@@ -168,6 +174,25 @@ class WorkerHost:
                 {"handler": contract.handler_name, "reason": description.disabled_reason or ""}
             )
         return hosted
+
+    def _wire_outbox_relay(self) -> None:
+        """With PostgreSQL and Kafka both served here, relay the outbox to Kafka."""
+        from activities.kafka import KafkaHandler
+        from activities.outbox import OutboxRelay
+        from activities.postgres import PostgresHandler
+
+        postgres = next(
+            (h.instance for h in self.handlers if isinstance(h.instance, PostgresHandler)), None
+        )
+        kafka = next(
+            (h.instance for h in self.handlers if isinstance(h.instance, KafkaHandler)), None
+        )
+        if postgres is None or kafka is None:
+            return
+        relay = OutboxRelay(postgres.current_pool, kafka.publisher)
+        self.relay = relay
+        self.background_services.append(relay.run)
+        self.report.services.append("outbox relay (postgres -> kafka)")
 
     def _activities_of(self, hosted: HostedHandler) -> dict[str, Callable[..., Any]]:
         contract = hosted.loaded.contract
@@ -228,6 +253,11 @@ class WorkerHost:
                     "handler_shutdown_failed", handler=hosted.name, error=sanitize_exception(exc)
                 )
         self.handlers.clear()
+        for close in self.closers:
+            with contextlib.suppress(Exception):
+                outcome = close()
+                if asyncio.iscoroutine(outcome):
+                    await outcome
         logger.info("worker_stopped")
 
 
@@ -242,6 +272,21 @@ def _skipping(
 
     skipped.__annotations__ = {**operation.__annotations__, "return": SkippedResult}
     return skipped
+
+
+async def build_host(settings: OnexSettings, *, workflows: Sequence[type] = ()) -> WorkerHost:
+    """The composition root: client, secret resolver (and Vault), then the host itself."""
+    from activities.vault import build_secret_resolver
+    from workers.client import connect
+
+    client = await connect(settings)
+    resolver, vault = await build_secret_resolver(settings)
+    host = WorkerHost(settings, client, secrets=resolver, workflows=workflows)
+    if vault is not None:
+        host.background_services.append(vault.keep_token_fresh)
+        host.report.services.append("vault token renewal")
+        host.closers.append(vault.close)
+    return host
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
