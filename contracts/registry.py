@@ -7,6 +7,7 @@ A forward step receives the operation's request; a compensation receives
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -42,7 +43,7 @@ class RegisterNodeRequest(_Contract):
 
     node_id: uuid.UUID
     node_type: NodeType
-    node_version: str = Field(pattern=SEMVER, examples=["1.4.2"])
+    node_version: str = Field(examples=["1.4.2"], description="A semantic version")
     service_name: str = Field(min_length=1, max_length=200, pattern=r"^[a-z0-9][a-z0-9._-]*$")
     address: str = Field(min_length=1, max_length=253)
     port: int = Field(ge=1, le=65535)
@@ -50,6 +51,13 @@ class RegisterNodeRequest(_Contract):
     endpoints: NodeEndpoints
     metadata: dict[str, str] = Field(default_factory=dict, max_length=64)
     correlation_id: uuid.UUID | None = None
+
+    @field_validator("node_version")
+    @classmethod
+    def _semantic_version(cls, version: str) -> str:
+        if not re.fullmatch(SEMVER, version):
+            raise ValueError(f"{version!r} is not a semantic version such as 1.4.2")
+        return version
 
     @field_validator("tags")
     @classmethod

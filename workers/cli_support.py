@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from enum import IntEnum
 from typing import Annotated, NoReturn, TypeVar
 
@@ -27,8 +28,9 @@ EPILOG = (
     "4 failed/compensated, 5 not found, 6 service unavailable."
 )
 
-err_console = Console(stderr=True)
-console = Console()
+# Off a terminal (CI, pipes), rich would wrap tables at 80 columns: ids are longer than that.
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 T = TypeVar("T")
 

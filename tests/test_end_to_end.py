@@ -1,0 +1,260 @@
+"""End to end: real Temporal, PostgreSQL and Kafka, the Consul fake, the worker and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+from temporalio.client import Client
+from temporalio.testing import WorkflowEnvironment
+
+from contracts.operations_io import OperationStatus, StepStatus
+from contracts.registry import RegisterNodeRequest
+from tests.conftest import isolated_settings
+from tests.fakes.consul_agent import FakeConsulAgent
+from tests.support import wait_until
+from workers.client import connect, get_status, register_node, retry_failed
+from workers.host import WorkerHost
+from workers.settings import (
+    ConsulSettings,
+    KafkaSettings,
+    OnexSettings,
+    PostgresSettings,
+    TemporalSettings,
+    WorkerSettings,
+)
+from workflows import WORKFLOWS
+
+BIN = Path(sys.executable).parent
+
+
+def node_request() -> RegisterNodeRequest:
+    return RegisterNodeRequest(
+        node_id=uuid.uuid4(),
+        node_type="effect",
+        node_version="2.0.0",
+        service_name="billing",
+        address="127.0.0.1",
+        port=8080,
+        tags=("e2e",),
+        endpoints={"health": "http://127.0.0.1:8080/health"},
+    )
+
+
+@pytest.fixture
+async def stack(
+    temporal_env: WorkflowEnvironment,
+    backends: OnexSettings,
+    pg_dsn: str,
+    topic_prefix: str,
+    task_queue: str,
+) -> AsyncIterator[tuple[OnexSettings, Client, FakeConsulAgent]]:
+    """A worker host serving the built-in contracts against real servers and the Consul fake."""
+    host, port = temporal_env.client.service_client.config.target_host.rsplit(":", 1)
+    async with FakeConsulAgent() as agent:
+        settings = OnexSettings(
+            temporal=TemporalSettings(host=host, port=int(port)),
+            postgres=PostgresSettings(
+                host=backends.postgres.host,
+                port=backends.postgres.port,
+                database=pg_dsn.rsplit("/", 1)[1],
+            ),
+            kafka=KafkaSettings(
+                bootstrap_servers=backends.kafka.bootstrap_servers,
+                topic_prefix=topic_prefix,
+                request_timeout_ms=5000,
+            ),
+            consul=ConsulSettings(address=agent.address, timeout=5),
+            worker=WorkerSettings(task_queue=task_queue),
+        )
+        client = await connect(settings)
+        worker_host = WorkerHost(settings, client, workflows=WORKFLOWS)
+        await worker_host.start()
+        stop = asyncio.Event()
+        serving = asyncio.create_task(worker_host.run(stop))
+        try:
+            yield settings, client, agent
+        finally:
+            stop.set()
+            await serving
+
+
+async def _registered_events(settings: OnexSettings, node_id: uuid.UUID) -> list[dict]:  # type: ignore[type-arg]
+    topic = settings.kafka.topic_prefix + "onex.registry.node.registered.v1"
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        batches = await consumer.getmany(timeout_ms=1000)
+    finally:
+        await consumer.stop()
+    events = [json.loads(m.value) for ms in batches.values() for m in ms]
+    return [e for e in events if e["payload"]["node_id"] == str(node_id)]
+
+
+async def test_registration_reaches_consul_postgres_and_kafka(
+    stack: tuple[OnexSettings, Client, FakeConsulAgent],
+) -> None:
+    """register_node through the client helper: the service is in Consul with its health
+    check, the row is in PostgreSQL, the registered event is on its Kafka topic, and the
+    workflow is found by its CorrelationId."""
+    settings, client, agent = stack
+    request = node_request()
+    result = await register_node(client, request, settings=settings)
+    assert result.status is OperationStatus.SUCCESS, result
+    assert request.consul_service_id in agent.services
+    assert agent.services[request.consul_service_id]["Check"]["HTTP"] == (
+        "http://127.0.0.1:8080/health"
+    )
+    connection = await asyncpg.connect(
+        host=settings.postgres.host,
+        port=settings.postgres.port,
+        user=settings.postgres.user,
+        database=settings.postgres.database,
+    )
+    try:
+        status = await connection.fetchval(
+            "SELECT status FROM onex_nodes WHERE node_id = $1", request.node_id
+        )
+    finally:
+        await connection.close()
+    assert status == "active"
+
+    async def event_published() -> bool:
+        return len(await _registered_events(settings, request.node_id)) == 1
+
+    await wait_until(event_published, within=30, what="the registered event on Kafka")
+
+    async def listed() -> bool:
+        query = f"CorrelationId='{result.correlation_id}'"
+        return [w.id async for w in client.list_workflows(query)] == [result.workflow_id]
+
+    await wait_until(listed, within=10, what="the workflow to be listed by CorrelationId")
+
+
+async def test_partial_registration_is_retried_to_success(
+    stack: tuple[OnexSettings, Client, FakeConsulAgent],
+) -> None:
+    """Consul answers 500 through all its attempts: the registration is partial (PostgreSQL
+    done); after Consul recovers, `retry_failed` completes it without touching PostgreSQL."""
+    settings, client, agent = stack
+    agent.fail_next(100, status=500)
+    request = node_request()
+    handle = await register_node(client, request, settings=settings, wait=False)
+
+    async def partial() -> bool:
+        return (await get_status(client, handle.id)).status is OperationStatus.PARTIAL
+
+    await wait_until(partial, within=60, what="the registration to become partial")
+    status = await get_status(client, handle.id)
+    consul = next(b for b in status.backends if b.backend == "consul")
+    assert (consul.error_type, consul.status) == ("InfraUnavailableError", StepStatus.FAILED)
+
+    agent.clear_faults()
+    retried = await retry_failed(client, handle.id, "consul")
+    assert retried.status is OperationStatus.SUCCESS
+    assert request.consul_service_id in agent.services
+    postgres = next(b for b in retried.backends if b.backend == "postgres")
+    assert postgres.attempts == 1, "the succeeded backend was not run again"
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    settings = isolated_settings(tmp_path / "state")
+    return {
+        **os.environ,
+        "ONEX_DEV__STATE_DIR": str(settings.dev.state_dir),
+        "ONEX_TEMPORAL__PORT": str(settings.temporal.port),
+        "ONEX_TEMPORAL__UI_PORT": str(settings.temporal.ui_port),
+        "ONEX_POSTGRES__PORT": str(settings.postgres.port),
+        "ONEX_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        # Secrets a deployment would hold; they must never reach a history.
+        "ONEX_POSTGRES__PASSWORD": "pg-Secret-4f9a",
+        "ONEX_CONSUL__TOKEN": "consul-Secret-77b1",
+    }
+
+
+def _onex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "onex"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+async def test_onex_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
+    """`onex demo` on its own stack: exit 0, a table of outcomes, the events on Kafka, the
+    workflows listed by CorrelationId with the temporal CLI, and no secret in any history."""
+    env = _cli_env(tmp_path)
+    try:
+        demo = _onex(env, "demo")
+        assert demo.returncode == 0, f"{demo.stdout}\n{demo.stderr}"
+        out = demo.stdout
+        assert "3 of 3 registrations are on Kafka topic" in out
+        assert "refused as bad input" in out
+        assert out.count("success") >= 4, out
+        correlation_id = out.split("CorrelationId='", 1)[1].split("'", 1)[0]
+        listed = subprocess.run(
+            [
+                str(BIN / "temporal"),
+                "workflow",
+                "list",
+                "--address",
+                f"127.0.0.1:{env['ONEX_TEMPORAL__PORT']}",
+                "--query",
+                f"CorrelationId='{correlation_id}'",
+                "--output",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        workflows = json.loads(listed.stdout)
+        assert len(workflows) == 1, listed.stdout
+
+        client = await Client.connect(f"127.0.0.1:{env['ONEX_TEMPORAL__PORT']}")
+        texts = []
+        async for execution in client.list_workflows("OnexOperation='register_node'"):
+            history = await client.get_workflow_handle(execution.id).fetch_history()
+            raw = history.to_json()
+            texts.append(raw)
+            texts += [
+                base64.b64decode(chunk).decode(errors="replace")
+                for chunk in _payload_data(json.loads(raw))
+            ]
+        assert len(texts) > 3
+        everything = "\n".join(texts)
+        for secret in ("pg-Secret-4f9a", "consul-Secret-77b1"):
+            assert secret not in everything, f"{secret} reached a workflow history"
+    finally:
+        down = _onex(env, "dev", "down", "--purge")
+        assert down.returncode == 0, down.stderr
+
+
+def _payload_data(node: object) -> list[str]:
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "data" and isinstance(value, str):
+                found.append(value)
+            else:
+                found += _payload_data(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _payload_data(value)
+    return found
