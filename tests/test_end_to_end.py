@@ -58,7 +58,7 @@ async def stack(
     pg_dsn: str,
     topic_prefix: str,
     task_queue: str,
-) -> AsyncIterator[tuple[OnexSettings, Client, FakeConsulAgent]]:
+) -> AsyncIterator[tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost]]:
     """A worker host serving the built-in contracts against real servers and the Consul fake."""
     host, port = temporal_env.client.service_client.config.target_host.rsplit(":", 1)
     async with FakeConsulAgent() as agent:
@@ -83,7 +83,7 @@ async def stack(
         stop = asyncio.Event()
         serving = asyncio.create_task(worker_host.run(stop))
         try:
-            yield settings, client, agent
+            yield settings, client, agent, worker_host
         finally:
             stop.set()
             await serving
@@ -104,12 +104,12 @@ async def _registered_events(settings: OnexSettings, node_id: uuid.UUID) -> list
 
 
 async def test_registration_reaches_consul_postgres_and_kafka(
-    stack: tuple[OnexSettings, Client, FakeConsulAgent],
+    stack: tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost],
 ) -> None:
     """register_node through the client helper: the service is in Consul with its health
     check, the row is in PostgreSQL, the registered event is on its Kafka topic, and the
     workflow is found by its CorrelationId."""
-    settings, client, agent = stack
+    settings, client, agent, _ = stack
     request = node_request()
     result = await register_node(client, request, settings=settings)
     assert result.status is OperationStatus.SUCCESS, result
@@ -144,11 +144,12 @@ async def test_registration_reaches_consul_postgres_and_kafka(
 
 
 async def test_partial_registration_is_retried_to_success(
-    stack: tuple[OnexSettings, Client, FakeConsulAgent],
+    stack: tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost],
 ) -> None:
     """Consul answers 500 through all its attempts: the registration is partial (PostgreSQL
-    done); after Consul recovers, `retry_failed` completes it without touching PostgreSQL."""
-    settings, client, agent = stack
+    done) and Consul's breaker is open; after Consul recovers and an operator resets the
+    breaker, `retry_failed` completes it without touching PostgreSQL."""
+    settings, client, agent, worker_host = stack
     agent.fail_next(100, status=500)
     request = node_request()
     handle = await register_node(client, request, settings=settings, wait=False)
@@ -161,7 +162,10 @@ async def test_partial_registration_is_retried_to_success(
     consul = next(b for b in status.backends if b.backend == "consul")
     assert (consul.error_type, consul.status) == ("InfraUnavailableError", StepStatus.FAILED)
 
+    breakers = {b.name: b.state.value for b in worker_host.breakers.snapshot()}
+    assert breakers["consul:default"] == "open", breakers
     agent.clear_faults()
+    worker_host.breakers.reset("consul:default")  # else the retry waits out the open time
     retried = await retry_failed(client, handle.id, "consul")
     assert retried.status is OperationStatus.SUCCESS
     assert request.consul_service_id in agent.services

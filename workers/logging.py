@@ -16,6 +16,10 @@ import structlog
 Level = Literal["debug", "info", "warning", "error"]
 
 
+def _stderr_logger(*_args: object) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(level: Level = "info", *, json: bool | None = None) -> None:
     """Configure structlog and the standard library root logger.
 
@@ -38,7 +42,9 @@ def configure_logging(level: Level = "info", *, json: bool | None = None) -> Non
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Resolved at each logger's creation, not now: whoever replaces sys.stderr later
+        # (a test runner, a daemonizing supervisor) gets the output.
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     # Libraries (temporalio, aiokafka, asyncpg) log through the standard library.
