@@ -7,6 +7,11 @@ sides alike. Nothing here asserts a figure: targets are read by people, in the i
 * ``breaker``: per-call overhead of a closed circuit breaker with its failure-rate window on,
   against ``aiobreaker`` and ``circuitbreaker`` guarding the same no-op coroutine.
   Target: ours <= 0.5x aiobreaker's overhead.
+* ``register_node``: throughput and p50/p95 latency of register_node on a private embedded
+  stack (real PostgreSQL and Kafka; Consul disabled, so its step is skipped), against a bare
+  Temporal workflow with the same activity shape (5 no-op activities: 1, 2 in parallel, 2),
+  in alternating rounds on the same server and worker process.
+  Targets: throughput >= 0.85x bare, p50 latency <= 1.2x bare.
 """
 
 from __future__ import annotations
@@ -16,15 +21,28 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 
 import aiobreaker
 import circuitbreaker
+from temporalio.worker import Worker
 
 from activities.resilience.breaker import CircuitBreaker
+from contracts.registry import RegisterNodeRequest
 from contracts.resilience import BreakerSettings
+from tests.conftest import isolated_settings
+from tests.sample_workflows import BareShapeWorkflow, bare_noop
+from workers.client import Operations, connect, register_node
+from workers.devstack import DevStack
+from workers.host import WorkerHost
+from workers.logging import configure_logging
+from workers.settings import OnexSettings, WorkerSettings
+from workflows import WORKFLOWS
 
 CALLS_PER_ROUND = 20_000
 ROUNDS = 15
@@ -84,11 +102,129 @@ async def bench_breaker() -> dict[str, object]:
     }
 
 
+# -- register_node against a bare workflow of the same shape -------------------------------
+
+
+WORKFLOWS_PER_ROUND = 60
+CONCURRENCY = 12
+OPERATION_ROUNDS = 3
+
+
+def _request() -> RegisterNodeRequest:
+    return RegisterNodeRequest(
+        node_id=uuid.uuid4(),
+        node_type="effect",
+        node_version="1.0.0",
+        service_name="bench",
+        address="127.0.0.1",
+        port=8080,
+        endpoints={"health": "http://127.0.0.1:8080/health"},
+    )
+
+
+async def _round(start_one: Callable[[], Awaitable[object]]) -> tuple[float, list[float]]:
+    """Run WORKFLOWS_PER_ROUND workflows, CONCURRENCY at a time: (throughput, latencies)."""
+    semaphore = asyncio.Semaphore(CONCURRENCY)
+    latencies: list[float] = []
+
+    async def one() -> None:
+        async with semaphore:
+            began = time.perf_counter()
+            await start_one()
+            latencies.append(time.perf_counter() - began)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(WORKFLOWS_PER_ROUND)))
+    return WORKFLOWS_PER_ROUND / (time.perf_counter() - began), latencies
+
+
+def _percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def bench_register_node() -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="onex-bench-") as state:
+        settings = isolated_settings(Path(state))
+        settings = settings.model_copy(update={"worker": WorkerSettings(task_queue="bench-onex")})
+        stack = DevStack(settings)
+        await stack.up()
+        try:
+            return await _measure(settings)
+        finally:
+            stack.down(purge=True)
+
+
+async def _measure(settings: OnexSettings) -> dict[str, object]:
+    configure_logging("error")
+    client = await connect(settings)
+    host = WorkerHost(settings, client, workflows=WORKFLOWS)
+    await host.start()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(host.run(stop))
+    operations = Operations.load(settings)
+    try:
+        async with Worker(
+            client, task_queue="bench-bare", workflows=[BareShapeWorkflow], activities=[bare_noop]
+        ):
+
+            async def ours() -> object:
+                return await register_node(
+                    client, _request(), settings=settings, operations=operations
+                )
+
+            async def bare() -> object:
+                payload = _request().model_dump(mode="json")
+                return await client.execute_workflow(
+                    BareShapeWorkflow.run,
+                    payload,
+                    id=f"bench-bare-{uuid.uuid4()}",
+                    task_queue="bench-bare",
+                )
+
+            await _round(ours)  # warm-up: connections, caches, the sandbox's imports
+            await _round(bare)
+            results: dict[str, list[tuple[float, list[float]]]] = {"ours": [], "bare": []}
+            for index in range(OPERATION_ROUNDS):
+                order = [("ours", ours), ("bare", bare)]
+                for name, start_one in order if index % 2 == 0 else reversed(order):
+                    results[name].append(await _round(start_one))
+    finally:
+        stop.set()
+        await serving
+
+    def summary(name: str) -> dict[str, float]:
+        throughput = statistics.median(round_[0] for round_ in results[name])
+        latencies = [sample for round_ in results[name] for sample in round_[1]]
+        return {
+            "throughput_per_s": round(throughput, 2),
+            "p50_ms": round(_percentile(latencies, 0.5) * 1000, 1),
+            "p95_ms": round(_percentile(latencies, 0.95) * 1000, 1),
+        }
+
+    ours_summary, bare_summary = summary("ours"), summary("bare")
+    return {
+        "workflows_per_round": WORKFLOWS_PER_ROUND,
+        "concurrency": CONCURRENCY,
+        "rounds": OPERATION_ROUNDS,
+        "shape": "5 activities: 1, then 2 in parallel, then 2",
+        "ours": ours_summary,
+        "bare": bare_summary,
+        "throughput_ratio": round(
+            ours_summary["throughput_per_s"] / bare_summary["throughput_per_s"], 3
+        ),
+        "p50_ratio": round(ours_summary["p50_ms"] / bare_summary["p50_ms"], 3),
+        "p95_ratio": round(ours_summary["p95_ms"] / bare_summary["p95_ms"], 3),
+        "targets": {"throughput_ratio": ">= 0.85", "p50_ratio": "<= 1.2"},
+    }
+
+
 async def main() -> dict[str, object]:
     return {
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "breaker": await bench_breaker(),
+        "register_node": await bench_register_node(),
     }
 
 

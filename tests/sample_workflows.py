@@ -7,8 +7,10 @@ corrupts that extension's state for the whole process (it crashed the interprete
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
+from typing import Any
 
 from pydantic import BaseModel
 from temporalio import activity, workflow
@@ -119,3 +121,29 @@ class RunActivityWorkflow:
             retry_policy=RetryPolicy(maximum_attempts=call.max_attempts),
         )
         return result
+
+
+@workflow.defn
+class BareShapeWorkflow:
+    """The register_node shape with no-op activities: 1, then 2 in parallel, then 2 (the
+    baseline of ``make bench``; sandboxed like every workflow of the project)."""
+
+    @workflow.run
+    async def run(self, payload: dict[str, Any]) -> str:
+        options: dict[str, Any] = {
+            "start_to_close_timeout": timedelta(seconds=30),
+            "retry_policy": RetryPolicy(maximum_attempts=3),
+        }
+        await workflow.execute_activity(bare_noop, payload, **options)
+        await asyncio.gather(
+            workflow.execute_activity(bare_noop, payload, **options),
+            workflow.execute_activity(bare_noop, payload, **options),
+        )
+        await workflow.execute_activity(bare_noop, payload, **options)
+        await workflow.execute_activity(bare_noop, payload, **options)
+        return "ok"
+
+
+@activity.defn(name="bench.noop")
+async def bare_noop(payload: dict[str, Any]) -> dict[str, Any]:
+    return payload

@@ -298,15 +298,27 @@ class OperationWorkflow:
             workflow.logger.warning("event %s could not be queued: %s", topic, error)
 
     def _publish_attributes(self, *, initial: bool = False) -> None:
+        """Keep the search attributes and the memo's per-backend summary current.
+
+        The client helpers set the identifying attributes at start; a workflow started by
+        other means gets them here, once.
+        """
         operation = self._require_input()
-        updates = [ONEX_STATUS.value_set(self._status.value)]
         if initial:
-            updates.append(ONEX_OPERATION.value_set(operation.plan.operation))
-            updates.append(CORRELATION_ID.value_set(str(operation.correlation_id)))
+            present = workflow.info().typed_search_attributes
+            wanted = [
+                ONEX_STATUS.value_set(self._status.value),
+                ONEX_OPERATION.value_set(operation.plan.operation),
+                CORRELATION_ID.value_set(str(operation.correlation_id)),
+            ]
             node_id = operation.request.get("node_id")
             if node_id:
-                updates.append(NODE_ID.value_set(str(node_id)))
-        workflow.upsert_search_attributes(updates)
+                wanted.append(NODE_ID.value_set(str(node_id)))
+            missing = [update for update in wanted if present.get(update.key) is None]
+            if missing:
+                workflow.upsert_search_attributes(missing)
+            return
+        workflow.upsert_search_attributes([ONEX_STATUS.value_set(self._status.value)])
         workflow.upsert_memo(
             {"backends": {name: result.status.value for name, result in self._results.items()}}
         )
