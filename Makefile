@@ -55,6 +55,8 @@ bench: $(VENV)/.installed-dev ## performance figures as one JSON object
 
 lock: $(VENV)/.installed-dev ## re-resolve the pinned dependencies after editing pyproject.toml
 	$(BIN)/python -m pip install --quiet uv==0.13.8
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 \
+		--custom-compile-command "make lock" -q -o requirements/runtime.lock
 	$(BIN)/uv pip compile pyproject.toml --extra embedded --python-version 3.11 \
 		--custom-compile-command "make lock" -q -o requirements/embedded.lock
 	$(BIN)/uv pip compile pyproject.toml --extra embedded --extra dev --python-version 3.11 \

@@ -315,6 +315,36 @@ def db_migrate() -> None:
     console.print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
 
 
+kafka_app = typer.Typer(
+    help="The event stream.\n\nExample:\n\n  onex kafka create-topics",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(kafka_app, name="kafka")
+
+
+@kafka_app.command("create-topics")
+def kafka_create_topics() -> None:
+    """Create the topic catalog (12 topics, 3 partitions each, retention per topic).
+
+    Topics that exist are left as they are. `onex dev up` does this for the embedded broker;
+    run it once against a real cluster (ONEX_KAFKA__BOOTSTRAP_SERVERS).
+
+    Example: ONEX_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 onex kafka create-topics
+    """
+    from workers.devstack import create_topics
+
+    settings = settings_or_exit()
+    try:
+        names = asyncio.run(
+            create_topics(settings.kafka.bootstrap_servers, prefix=settings.kafka.topic_prefix)
+        )
+    except Exception as exc:
+        fail(ExitCode.UNAVAILABLE, f"cannot create the topics: {sanitize_exception(exc)}")
+    console.print(f"{len(names)} topics present", markup=False)
+
+
 @app.command("worker")
 def worker() -> None:
     """Serve activities (and workflows) until SIGTERM or SIGINT, then drain.
