@@ -262,3 +262,47 @@ def _payload_data(node: object) -> list[str]:
         for value in node:
             found += _payload_data(value)
     return found
+
+
+def _env_for(settings: OnexSettings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "ONEX_TEMPORAL__HOST": settings.temporal.host,
+        "ONEX_TEMPORAL__PORT": str(settings.temporal.port),
+        "ONEX_WORKER__TASK_QUEUE": settings.worker.task_queue,
+    }
+
+
+async def test_cli_register_status_retry_exit_codes(
+    stack: tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost],
+) -> None:
+    """`onex register-node` then `onex status` exit 0; `onex retry` of a finished operation is
+    refused (2); `onex status` of an unknown id is not found (5)."""
+    settings, _, _, _ = stack
+    env = _env_for(settings)
+    registered = await asyncio.to_thread(
+        _onex,
+        env,
+        "register-node", "--node-type", "effect", "--service-name", "cli-node",
+        "--address", "127.0.0.1", "--port", "9000",
+        "--health-url", "http://127.0.0.1:9000/health", "--json",
+    )  # fmt: skip
+    assert registered.returncode == 0, registered.stderr
+    result = json.loads(registered.stdout)
+    assert result["status"] == "success"
+    assert {b["backend"]: b["status"] for b in result["backends"]} == {
+        "consul": "succeeded",
+        "postgres": "succeeded",
+    }
+    workflow_id = result["workflow_id"]
+
+    status = await asyncio.to_thread(_onex, env, "status", workflow_id)
+    assert status.returncode == 0, status.stderr
+    assert "succeeded" in status.stdout
+
+    retry = await asyncio.to_thread(_onex, env, "retry", workflow_id)
+    assert retry.returncode == 2
+    assert "nothing to retry" in retry.stderr
+
+    missing = await asyncio.to_thread(_onex, env, "status", "onex-register-node-nobody")
+    assert missing.returncode == 5, missing.stderr

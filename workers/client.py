@@ -65,6 +65,14 @@ class OperationNotFound(LookupError):
     """No workflow with that id exists (or it is not an operation workflow)."""
 
 
+class OperationFinished(ValueError):
+    """The operation has ended, so it can no longer be retried; ``status`` says how."""
+
+    def __init__(self, workflow_id: str, status: OperationStatus) -> None:
+        super().__init__(f"nothing to retry: operation {workflow_id} has finished ({status.value})")
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Operations:
     """The compiled plans of the configured operation contracts."""
@@ -194,9 +202,11 @@ async def retry_failed(
     try:
         return await handle.execute_update(OperationWorkflow.retry_failed, backend)
     except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            raise OperationNotFound(workflow_id) from None
-        raise
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+    # Not found: either no such workflow, or one that has already closed.
+    status = await get_status(client, workflow_id)
+    raise OperationFinished(workflow_id, status.status)
 
 
 async def get_status(client: Client, workflow_id: str) -> OperationResult:

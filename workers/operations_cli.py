@@ -21,6 +21,7 @@ from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from workers.cli_support import ExitCode, JsonOption, console, fail, settings_or_exit
 from workers.client import (
+    OperationFinished,
     OperationNotFound,
     Operations,
     connect,
@@ -229,6 +230,8 @@ def retry_command(
             return await retry_failed(client, workflow_id, backend)
         except OperationNotFound:
             fail(ExitCode.NOT_FOUND, f"no operation with workflow id {workflow_id!r}")
+        except OperationFinished as finished:
+            fail(ExitCode.BAD_INPUT, str(finished))
         except WorkflowUpdateFailedError as refused:
             fail(ExitCode.BAD_INPUT, f"retry refused: {refused.cause}")
         except RPCError as error:

@@ -20,6 +20,17 @@ COMMANDS = [
     ["dev", "status"],
     ["dev", "logs"],
     ["demo"],
+    ["worker"],
+    ["register-node"],
+    ["deregister-node"],
+    ["retry"],
+    ["status"],
+    ["replay"],
+    ["contracts"],
+    ["contracts", "validate"],
+    ["contracts", "schema"],
+    ["db", "migrate"],
+    ["kafka", "create-topics"],
 ]
 
 
@@ -60,3 +71,41 @@ def test_down_of_a_stack_never_started(cli_env: dict[str, str]) -> None:
     result = runner.invoke(app, ["dev", "down"], env=cli_env)
     assert result.exit_code == ExitCode.OK
     assert "nothing was running" in result.output
+
+
+def test_register_node_refuses_bad_input_before_contacting_anything(
+    cli_env: dict[str, str],
+) -> None:
+    """A malformed request is refused with exit 2 and every problem, without a server."""
+    result = runner.invoke(
+        app,
+        [
+            "register-node",
+            "--node-type",
+            "gadget",
+            "--service-name",
+            "Bad Name",
+            "--address",
+            "x",
+            "--port",
+            "0",
+            "--health-url",
+            "not-a-url",
+            "--meta",
+            "novalue",
+        ],
+        env={**cli_env, "ONEX_TEMPORAL__PORT": "1"},
+    )
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "--meta takes key=value" in result.output
+
+
+def test_status_of_an_unknown_workflow_is_not_found_or_unavailable(
+    cli_env: dict[str, str],
+) -> None:
+    """Without a reachable Temporal, the command says which address it tried (exit 6)."""
+    result = runner.invoke(
+        app, ["status", "onex-register-node-x"], env={**cli_env, "ONEX_TEMPORAL__PORT": "1"}
+    )
+    assert result.exit_code == ExitCode.UNAVAILABLE
+    assert "127.0.0.1:1" in result.output
