@@ -33,8 +33,8 @@ import circuitbreaker
 from temporalio.worker import Worker
 
 from activities.resilience.breaker import CircuitBreaker
-from contracts.registry import RegisterNodeRequest
 from contracts.resilience import BreakerSettings
+from tests.builders import register_request
 from tests.conftest import isolated_settings
 from tests.sample_workflows import BareShapeWorkflow, bare_noop
 from workers.client import Operations, connect, register_node
@@ -110,18 +110,6 @@ CONCURRENCY = 12
 OPERATION_ROUNDS = 3
 
 
-def _request() -> RegisterNodeRequest:
-    return RegisterNodeRequest(
-        node_id=uuid.uuid4(),
-        node_type="effect",
-        node_version="1.0.0",
-        service_name="bench",
-        address="127.0.0.1",
-        port=8080,
-        endpoints={"health": "http://127.0.0.1:8080/health"},
-    )
-
-
 async def _round(start_one: Callable[[], Awaitable[object]]) -> tuple[float, list[float]]:
     """Run WORKFLOWS_PER_ROUND workflows, CONCURRENCY at a time: (throughput, latencies)."""
     semaphore = asyncio.Semaphore(CONCURRENCY)
@@ -170,11 +158,11 @@ async def _measure(settings: OnexSettings) -> dict[str, object]:
 
             async def ours() -> object:
                 return await register_node(
-                    client, _request(), settings=settings, operations=operations
+                    client, register_request(), settings=settings, operations=operations
                 )
 
             async def bare() -> object:
-                payload = _request().model_dump(mode="json")
+                payload = register_request().model_dump(mode="json")
                 return await client.execute_workflow(
                     BareShapeWorkflow.run,
                     payload,

@@ -99,6 +99,18 @@ def isolated_settings(state_dir: Path) -> OnexSettings:
     )
 
 
+def isolated_environment(state_dir: Path) -> dict[str, str]:
+    """The ONEX_* variables that give a subprocess (``onex ...``) a stack of its own."""
+    settings = isolated_settings(state_dir)
+    return {
+        "ONEX_DEV__STATE_DIR": str(settings.dev.state_dir),
+        "ONEX_TEMPORAL__PORT": str(settings.temporal.port),
+        "ONEX_TEMPORAL__UI_PORT": str(settings.temporal.ui_port),
+        "ONEX_POSTGRES__PORT": str(settings.postgres.port),
+        "ONEX_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+    }
+
+
 @pytest.fixture(scope="session")
 async def backends(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OnexSettings]:
     """PostgreSQL and the Kafka broker, up for the session; yields the settings that reach them."""

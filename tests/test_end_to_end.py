@@ -20,7 +20,8 @@ from temporalio.testing import WorkflowEnvironment
 
 from contracts.operations_io import OperationStatus, StepStatus
 from contracts.registry import RegisterNodeRequest
-from tests.conftest import isolated_settings
+from tests.builders import register_request
+from tests.conftest import isolated_environment
 from tests.fakes.consul_agent import FakeConsulAgent
 from tests.support import wait_until
 from workers.client import connect, get_status, register_node, retry_failed
@@ -39,15 +40,8 @@ BIN = Path(sys.executable).parent
 
 
 def node_request() -> RegisterNodeRequest:
-    return RegisterNodeRequest(
-        node_id=uuid.uuid4(),
-        node_type="effect",
-        node_version="2.0.0",
-        service_name="billing",
-        address="127.0.0.1",
-        port=8080,
-        tags=("e2e",),
-        endpoints={"health": "http://127.0.0.1:8080/health"},
+    return register_request(
+        address="127.0.0.1", endpoints={"health": "http://127.0.0.1:8080/health"}
     )
 
 
@@ -174,14 +168,9 @@ async def test_partial_registration_is_retried_to_success(
 
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
-    settings = isolated_settings(tmp_path / "state")
     return {
         **os.environ,
-        "ONEX_DEV__STATE_DIR": str(settings.dev.state_dir),
-        "ONEX_TEMPORAL__PORT": str(settings.temporal.port),
-        "ONEX_TEMPORAL__UI_PORT": str(settings.temporal.ui_port),
-        "ONEX_POSTGRES__PORT": str(settings.postgres.port),
-        "ONEX_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        **isolated_environment(tmp_path / "state"),
         # Secrets a deployment would hold; they must never reach a history.
         "ONEX_POSTGRES__PASSWORD": "pg-Secret-4f9a",
         "ONEX_CONSUL__TOKEN": "consul-Secret-77b1",

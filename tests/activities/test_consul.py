@@ -7,7 +7,6 @@ failures are run through the real activity boundary to see the error class Tempo
 from __future__ import annotations
 
 import gc
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -36,11 +35,10 @@ from activities.resilience.errors import ConfigurationError, InfraConnectionErro
 from contracts.errors import Transport
 from contracts.registry import (
     CompensationInput,
-    DeregisterNodeRequest,
-    RegisterNodeRequest,
     RegisterServiceResult,
 )
 from contracts.resilience import default_policy
+from tests.builders import compensation, deregister_request, register_request
 from tests.fakes.consul_agent import CRITICAL, FakeConsulAgent, consul_client
 from tests.support import free_port
 from workers.settings import ConsulSettings, OnexSettings
@@ -170,35 +168,6 @@ async def handler(agent: FakeConsulAgent) -> AsyncIterator[ConsulHandler]:
         yield handler
     finally:
         await handler.shutdown(5)
-
-
-def register_request(node_id: uuid.UUID | None = None, **changes: Any) -> RegisterNodeRequest:
-    fields: dict[str, Any] = {
-        "node_id": node_id or uuid.uuid4(),
-        "node_type": "effect",
-        "node_version": "1.2.3",
-        "service_name": "billing",
-        "address": "10.0.0.7",
-        "port": 8080,
-        "tags": ("blue", "eu-west-1"),
-        "endpoints": {"health": "http://10.0.0.7:8080/health"},
-        "correlation_id": uuid.uuid4(),
-        **changes,
-    }
-    return RegisterNodeRequest.model_validate(fields)
-
-
-def deregister_request(node_id: uuid.UUID) -> DeregisterNodeRequest:
-    return DeregisterNodeRequest(node_id=node_id, node_type="effect", correlation_id=uuid.uuid4())
-
-
-def compensation(request: Any, forward_result: Any) -> CompensationInput:
-    """What the saga hands the compensation, after a JSON round trip like Temporal's."""
-    return CompensationInput(
-        request=request.model_dump(mode="json"),
-        forward_result=json.loads(forward_result.model_dump_json()),
-        correlation_id=request.correlation_id,
-    )
 
 
 # -- registration --------------------------------------------------------------------------------

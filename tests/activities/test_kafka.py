@@ -7,13 +7,9 @@ prefix with the catalog created under it. Unreachable brokers are a closed local
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.resources
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
@@ -33,15 +29,9 @@ from activities.resilience.breaker import BreakerRegistry, BreakerState, Circuit
 from contracts.errors import Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import default_policy
+from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered, with_kafka
 from tests.support import free_port, wait_until
 from workers.settings import KafkaSettings, OnexSettings
-
-REGISTERED = "onex.registry.node.registered.v1"
-DEREGISTERED = "onex.registry.node.deregistered.v1"
-
-
-def with_kafka(settings: OnexSettings, **changes: Any) -> OnexSettings:
-    return settings.model_copy(update={"kafka": settings.kafka.model_copy(update=changes)})
 
 
 def unreachable(settings: OnexSettings) -> OnexSettings:
@@ -52,56 +42,6 @@ def unreachable(settings: OnexSettings) -> OnexSettings:
         request_timeout_ms=1000,
         delivery_timeout_ms=10_000,
     )
-
-
-def registered(node_id: uuid.UUID | None = None) -> EventEnvelope:
-    return new_envelope(
-        REGISTERED,
-        {"node_id": str(node_id or uuid.uuid4()), "registration_id": str(uuid.uuid4())},
-        correlation_id=uuid.uuid4(),
-    )
-
-
-async def apply_schema(connection: Any) -> str:
-    """The registry schema, by ``activities.migrate`` when it exists, else by the SQL file."""
-    try:
-        module = importlib.import_module("activities.migrate")
-    except ModuleNotFoundError:
-        sql = importlib.resources.files("activities.migrations").joinpath("0001_registry.sql")
-        await connection.execute(sql.read_text())
-        return "sql file"
-    await module.migrate(connection)
-    return "activities.migrate"
-
-
-@pytest.fixture
-def settings(backends: OnexSettings, topic_prefix: str) -> OnexSettings:
-    return with_kafka(backends, topic_prefix=topic_prefix)
-
-
-@pytest.fixture
-async def pool(pg_dsn: str) -> AsyncIterator[Any]:
-    """A pool on a fresh database with the registry schema applied."""
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await apply_schema(connection)
-    finally:
-        await connection.close()
-    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=20)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@pytest.fixture
-async def publisher(settings: OnexSettings) -> AsyncIterator[EventPublisher]:
-    publisher = EventPublisher(settings.kafka, BreakerRegistry())
-    await publisher.start()
-    try:
-        yield publisher
-    finally:
-        await publisher.stop()
 
 
 async def read_topic(kafka: KafkaSettings, topic: str, count: int, within: float = 20) -> list[Any]:

@@ -1,17 +1,16 @@
 """The outbox relay against a real PostgreSQL and a real Kafka-protocol broker.
 
 Rows are enqueued with :func:`activities.outbox.enqueue` (the row format the relay reads); the
-schema comes from ``activities.migrate`` (see ``apply_schema`` in ``test_kafka``).
+schema comes from ``activities.migrate`` (the ``pool`` fixture in this folder's conftest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
@@ -28,44 +27,13 @@ from activities.resilience.breaker import BreakerRegistry, BreakerState
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import BreakerSettings
 from contracts.topics import TOPICS_BY_NAME
-from tests.activities.test_kafka import REGISTERED, apply_schema, registered, with_kafka
+from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered
 from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import wait_until
 from workers.devstack import create_topics
 from workers.settings import KafkaSettings, OnexSettings
 
-DEREGISTERED = "onex.registry.node.deregistered.v1"
 SECRET_TEXT = "kafka://admin:hunter2@broker.internal:9092 password=hunter2"
-
-
-@pytest.fixture
-def settings(backends: OnexSettings, topic_prefix: str) -> OnexSettings:
-    return with_kafka(backends, topic_prefix=topic_prefix)
-
-
-@pytest.fixture
-async def pool(pg_dsn: str) -> AsyncIterator[Any]:
-    """A pool on a fresh database with the registry schema applied."""
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await apply_schema(connection)
-    finally:
-        await connection.close()
-    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=10)
-    try:
-        yield pool
-    finally:
-        await pool.close()
-
-
-@pytest.fixture
-async def publisher(settings: OnexSettings) -> AsyncIterator[EventPublisher]:
-    publisher = EventPublisher(settings.kafka, BreakerRegistry())
-    await publisher.start()
-    try:
-        yield publisher
-    finally:
-        await publisher.stop()
 
 
 def deregistered() -> EventEnvelope:

@@ -27,13 +27,12 @@ from contracts.events import EventEnvelope, new_envelope
 from contracts.registry import (
     CompensationInput,
     DeactivateNodeResult,
-    DeregisterNodeRequest,
     GetNodeRequest,
     NodeRecord,
     NodeStatus,
-    RegisterNodeRequest,
 )
 from contracts.resilience import default_policy
+from tests.builders import compensation, deregister_request, register_request
 from tests.fakes.fault_proxy import FaultProxy
 from tests.support import free_port, wait_until
 from workers.devstack import superuser_dsn
@@ -111,36 +110,6 @@ async def db(pg_dsn: str) -> AsyncIterator[Any]:
         yield connection
     finally:
         await connection.close()
-
-
-def register_request(node_id: uuid.UUID | None = None, **changes: Any) -> RegisterNodeRequest:
-    fields: dict[str, Any] = {
-        "node_id": node_id or uuid.uuid4(),
-        "node_type": "effect",
-        "node_version": "1.2.3",
-        "service_name": "billing",
-        "address": "10.0.0.7",
-        "port": 8080,
-        "tags": ("blue", "eu-west-1"),
-        "endpoints": {"health": "http://10.0.0.7:8080/health"},
-        "metadata": {"team": "payments"},
-        "correlation_id": uuid.uuid4(),
-        **changes,
-    }
-    return RegisterNodeRequest.model_validate(fields)
-
-
-def deregister_request(node_id: uuid.UUID) -> DeregisterNodeRequest:
-    return DeregisterNodeRequest(node_id=node_id, node_type="effect", correlation_id=uuid.uuid4())
-
-
-def compensation(request: Any, forward_result: Any) -> CompensationInput:
-    """What the saga hands the compensation, after a JSON round trip like Temporal's."""
-    return CompensationInput(
-        request=request.model_dump(mode="json"),
-        forward_result=json.loads(forward_result.model_dump_json()),
-        correlation_id=request.correlation_id,
-    )
 
 
 def registered_event(node_id: uuid.UUID, **payload: Any) -> EventEnvelope:

@@ -19,7 +19,7 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
 from contracts.topics import CATALOG
-from tests.conftest import isolated_settings
+from tests.conftest import isolated_environment, isolated_settings
 from workers.devstack import (
     SEARCH_ATTRIBUTES,
     BinaryNotFoundError,
@@ -44,24 +44,13 @@ def _onex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _stack_env(tmp_path: Path) -> dict[str, str]:
-    settings = isolated_settings(tmp_path / "state")
-    return {
-        "ONEX_DEV__STATE_DIR": str(settings.dev.state_dir),
-        "ONEX_TEMPORAL__PORT": str(settings.temporal.port),
-        "ONEX_TEMPORAL__UI_PORT": str(settings.temporal.ui_port),
-        "ONEX_POSTGRES__PORT": str(settings.postgres.port),
-        "ONEX_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-    }
-
-
 async def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
     """`onex dev up` starts three healthy services that real clients use; `down` stops them all.
 
     A second `up` reuses the running processes; `down` keeps the data; the reported endpoints
     are enough for asyncpg, aiokafka and the Temporal client.
     """
-    env = _stack_env(tmp_path)
+    env = isolated_environment(tmp_path / "state")
     up = _onex(env, "dev", "up", "--json")
     assert up.returncode == 0, f"onex dev up failed:\n{up.stdout}\n{up.stderr}"
     try:
