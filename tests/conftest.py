@@ -16,7 +16,7 @@ Per-test isolation: ``task_queue`` (a fresh Temporal task queue), ``pg_dsn`` (a 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -26,6 +26,7 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
+from activities.resilience.sanitize import forget_secrets
 from tests.support import free_port
 from workers.converter import DATA_CONVERTER
 from workers.devstack import SEARCH_ATTRIBUTES, DevStack, ServiceName, create_topics, superuser_dsn
@@ -121,6 +122,14 @@ async def backends(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[On
         yield settings
     finally:
         stack.down(purge=True)
+
+
+@pytest.fixture(autouse=True)
+def _forget_registered_secrets() -> Iterator[None]:
+    """The sanitizer's registry of secrets is process-wide: each test starts with it empty."""
+    forget_secrets()
+    yield
+    forget_secrets()
 
 
 @pytest.fixture

@@ -243,8 +243,13 @@ def _redact(data: Mapping[Any, Any], depth: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in data.items():
         name = _scrub_registered(_printable(key))
-        result[name] = REDACTED if _SECRET_KEY.search(name) else _redact_value(value, depth + 1)
+        result[name] = REDACTED if is_secret_key(name) else _redact_value(value, depth + 1)
     return result
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a mapping key (or variable name) names a credential (SAN-6)."""
+    return _SECRET_KEY.search(name) is not None
 
 
 def redact_mapping(data: Mapping[str, Any]) -> dict[str, Any]:
