@@ -198,7 +198,7 @@ async def retry_failed(
     client: Client, workflow_id: str, backend: str | None = None
 ) -> OperationResult:
     """Re-run the failed backends of a partial operation (or one of them)."""
-    handle = client.get_workflow_handle_for(OperationWorkflow.run, workflow_id)
+    handle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
     try:
         return await handle.execute_update(OperationWorkflow.retry_failed, backend)
     except RPCError as error:
@@ -211,7 +211,7 @@ async def retry_failed(
 
 async def get_status(client: Client, workflow_id: str) -> OperationResult:
     """The current (or final) status of an operation."""
-    handle = client.get_workflow_handle_for(OperationWorkflow.run, workflow_id)
+    handle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
     try:
         return await handle.query(OperationWorkflow.status)
     except RPCError as error:
