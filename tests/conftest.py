@@ -162,3 +162,40 @@ async def topic_prefix(backends: OnexSettings) -> str:
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """Environment variables for running ``onex`` against a private state directory."""
     return {"ONEX_DEV__STATE_DIR": str(tmp_path / "state")}
+
+
+# -- no secret served by the Vault fake may appear in any captured output of the suite ----------
+
+_CAPTURED_OUTPUT: list[str] = []
+# Shorter values (like a "root" token) occur in ordinary text; real secrets are longer.
+_MIN_CHECKED_LENGTH = 8
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep every test's captured log lines, stdout and stderr (passing tests too)."""
+    _CAPTURED_OUTPUT.extend(content for _section, content in report.sections)
+    if report.longreprtext:
+        _CAPTURED_OUTPUT.append(report.longreprtext)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a value the Vault fake served shows up in anything the suite logged."""
+    from tests.fakes.vault_server import SERVED_DURING_SESSION
+
+    served = {value for value in SERVED_DURING_SESSION if len(value) >= _MIN_CHECKED_LENGTH}
+    leaked = sum(1 for value in served if any(value in text for text in _CAPTURED_OUTPUT))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if leaked:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter is not None:
+            reporter.write_line(
+                f"SECRET LEAK: {leaked} of the {len(served)} secret values served by the Vault "
+                "fake appear in captured log output. HOW TO FIX: find the log call that "
+                "prints a secret and pass the value through activities.resilience.sanitize.",
+                red=True,
+            )
+    elif reporter is not None and served:
+        reporter.write_line(
+            f"secret check: none of the {len(served)} values served by the Vault fake appears "
+            f"in the {len(_CAPTURED_OUTPUT)} captured outputs of the suite"
+        )

@@ -81,6 +81,11 @@ def _seconds(value: Any) -> int | None:
     return None
 
 
+# Every secret value any FakeVaultServer served in this process: the test session checks that
+# none of them appears in any log line captured during the whole suite (tests/conftest.py).
+SERVED_DURING_SESSION: set[str] = set()
+
+
 @dataclass
 class _Token:
     value: str
@@ -257,6 +262,11 @@ class FakeVaultServer(FaultInjectingHTTPServer):
         with self._lock:
             return set(self._served)
 
+    def _remember_served(self, value: str) -> None:
+        """Remember a value this fake handed out (the caller holds the lock)."""
+        self._served.add(value)
+        SERVED_DURING_SESSION.add(value)
+
     # -- routes ---------------------------------------------------------------------------------
 
     def _add_routes(self, router: web.UrlDispatcher) -> None:
@@ -341,7 +351,7 @@ class FakeVaultServer(FaultInjectingHTTPServer):
     async def _lookup_self(self, request: web.Request) -> web.Response:
         with self._lock:
             token = self._authenticate(request)
-            self._served.add(token.value)
+            self._remember_served(token.value)
             data = {
                 "accessor": token.accessor,
                 "creation_time": int(token.issue_time.timestamp()),
@@ -375,7 +385,7 @@ class FakeVaultServer(FaultInjectingHTTPServer):
                 return _errors(400, f"invalid increment {increment!r}")
             token.extend(ttl)
             self.renewals += 1
-            self._served.add(token.value)
+            self._remember_served(token.value)
             auth = self._auth_block(token)
         return _json(_envelope(auth=auth))
 
@@ -400,7 +410,7 @@ class FakeVaultServer(FaultInjectingHTTPServer):
                 path="auth/approle/login",
                 display_name="approle",
             )
-            self._served.add(token.value)
+            self._remember_served(token.value)
             auth = self._auth_block(token)
             auth["metadata"] = {"role_name": "fake-role"}
         return _json(_envelope(auth=auth))
@@ -425,7 +435,8 @@ class FakeVaultServer(FaultInjectingHTTPServer):
                 # Vault answers 404 but still says which version and when it was deleted.
                 body = _envelope(data={"data": None, "metadata": version.metadata(number)})
                 return _json(body, status=404)
-            self._served.update(iter_strings(version.data))
+            for value in iter_strings(version.data):
+                self._remember_served(value)
             body = _envelope(
                 data={"data": dict(version.data), "metadata": version.metadata(number)}
             )
