@@ -11,7 +11,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from contracts.topics import TOPICS_BY_NAME, Topic
 
@@ -25,6 +25,13 @@ class EventEnvelope(BaseModel):
     correlation_id: uuid.UUID
     timestamp: datetime
     payload: dict[str, Any]
+
+    @field_validator("event_type")
+    @classmethod
+    def _in_the_catalog(cls, event_type: str) -> str:
+        if event_type not in TOPICS_BY_NAME:
+            raise ValueError(f"{event_type!r} is not in the topic catalog (contracts/topics.py)")
+        return event_type
 
     @field_serializer("timestamp")
     def _rfc3339(self, value: datetime) -> str:
@@ -54,8 +61,6 @@ def new_envelope(
 ) -> EventEnvelope:
     """An envelope for a catalog topic. Workflows pass ``event_id`` and ``timestamp`` from
     ``workflow.uuid4()`` and ``workflow.now()`` so that replays produce the same event."""
-    if event_type not in TOPICS_BY_NAME:
-        raise ValueError(f"{event_type!r} is not in the topic catalog (contracts/topics.py)")
     return EventEnvelope(
         event_id=event_id or uuid.uuid4(),
         event_type=event_type,

@@ -7,12 +7,16 @@ prefix with the catalog created under it. Unreachable brokers are a closed local
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+import structlog
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError, NodeNotReadyError
 from temporalio.exceptions import ApplicationError
 
 from activities.base import HandlerConfig, HandlerResources
@@ -30,7 +34,9 @@ from contracts.errors import Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import default_policy
 from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered, with_kafka
+from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import free_port, wait_until
+from workers.devstack import create_topics
 from workers.settings import KafkaSettings, OnexSettings
 
 
@@ -338,3 +344,200 @@ async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings
     assert options["sasl_mechanism"] == "PLAIN"
     assert options["sasl_plain_password"] == "s3cr3t-from-vault"
     assert options["sasl_plain_username"] == "onex"
+
+
+# -- error classes through a fault proxy: timeout, not found, breaker recovery ----------------
+
+
+class FakeClock:
+    """A monotonic clock for the breakers, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fast_kafka(bootstrap_servers: str) -> KafkaSettings:
+    """Settings for a private broker, with the shortest timeouts allowed (1 s request, 10 s
+    delivery)."""
+    return KafkaSettings(
+        bootstrap_servers=bootstrap_servers, request_timeout_ms=1000, delivery_timeout_ms=10_000
+    )
+
+
+async def guarded_handler(
+    settings: OnexSettings, breakers: BreakerRegistry
+) -> tuple[KafkaHandler, Callable[[EventEnvelope], Awaitable[PublishResult]]]:
+    """A KafkaHandler with its own (started) publisher, and its publish behind the boundary
+    as the worker builds it (per-topic breakers from ``breakers``)."""
+    policy = default_policy(Transport.KAFKA)
+    handler = KafkaHandler(HandlerResources(settings=settings, breakers=breakers))
+    await handler.initialize(
+        HandlerConfig(
+            handler_name="kafka", transport=Transport.KAFKA, operations=("publish",), policy=policy
+        )
+    )
+    boundary = ActivityBoundary(
+        transport=Transport.KAFKA,
+        target="kafka",
+        policy=policy,
+        breakers=breakers,
+        breaker_key=KafkaHandler.breaker_key,
+    )
+    return handler, boundary.wrap("publish", handler.publish)
+
+
+def failure_causes(logs: list[Any]) -> list[str]:
+    """The native exception class of each failure the boundary logged."""
+    return [entry["cause"] for entry in logs if entry["event"] == "operation_failed"]
+
+
+async def test_slow_broker_is_a_retryable_timeout() -> None:
+    """Timeout: the broker answers, but 3 s late (a FaultProxy delay on every byte), and the
+    producer's request timeout is 1 s. The publish through the boundary gives up after about
+    1 s, before the late answer could arrive, as a retryable InfraTimeoutError with a retry
+    delay, and the timeout counts against the topic's breaker.
+
+    What aiokafka raises, as observed: once the producer has the topic's metadata and a
+    connection (the first publish, at full speed), the produce request times out client-side
+    and aiokafka reports it as the produce error RequestTimedOutError (not KafkaTimeoutError);
+    the classifier maps it to InfraTimeoutError. (A producer that never reached the broker
+    fails the connection handshake instead, NodeNotReadyError: InfraUnavailableError.)
+    """
+    breakers = BreakerRegistry()
+    async with start_proxied_broker() as (bootstrap, proxy):
+        await create_topics(bootstrap)
+        handler, publish = await guarded_handler(
+            OnexSettings(kafka=fast_kafka(bootstrap)), breakers
+        )
+        try:
+            await publish(registered())  # metadata and a broker connection, at full speed
+            proxy.set_delay(3)
+            started = time.monotonic()
+            with (
+                structlog.testing.capture_logs() as logs,
+                pytest.raises(ApplicationError) as caught,
+            ):
+                await publish(registered())
+            elapsed = time.monotonic() - started
+        finally:
+            proxy.set_delay(0)
+            await handler.shutdown(10)
+
+    error = caught.value
+    assert error.type == "InfraTimeoutError"
+    assert error.non_retryable is False
+    assert error.next_retry_delay is not None
+    assert 0.9 <= elapsed < 3, f"the publish failed after {elapsed:.2f}s, not at its 1 s timeout"
+    assert failure_causes(logs) == ["RequestTimedOutError"]
+    assert bootstrap not in str(error)
+    breaker = breakers.get(f"kafka:{REGISTERED}", default_policy(Transport.KAFKA).circuit_breaker)
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.total_successes, snapshot.total_failures) == (
+        BreakerState.CLOSED,
+        1,
+        1,
+    )
+
+
+async def test_topic_missing_on_the_broker_is_a_non_retryable_configuration_error(
+    backends: OnexSettings,
+) -> None:
+    """Not found: the catalog topic does not exist on the broker, and cannot be created there.
+
+    The embedded broker (tansu) creates a topic on the first produce to it (checked: a
+    publish under a prefix for which create_topics was never called succeeds), so a valid
+    name that was never created is never "not found" here. A name the broker cannot have is:
+    under a prefix with a space, the broker answers each metadata request with INVALID_TOPIC
+    for it and never lists it, and aiokafka gives up after request_timeout_ms with
+    UnknownTopicOrPartitionError, as it does against a Kafka broker with topic auto-creation
+    off. A catalog topic missing on the broker is a deployment problem: the classifier makes
+    it a ConfigurationError, so the boundary fails non-retryable without a retry delay, and
+    the topic's breaker counts the broker's answer as a success (the broker is up).
+    """
+    prefix = f"no such {uuid.uuid4().hex[:8]}."
+    settings = with_kafka(
+        backends, topic_prefix=prefix, request_timeout_ms=1000, delivery_timeout_ms=10_000
+    )
+    breakers = BreakerRegistry()
+    handler, publish = await guarded_handler(settings, breakers)
+    try:
+        with structlog.testing.capture_logs() as logs, pytest.raises(ApplicationError) as caught:
+            await publish(registered())
+    finally:
+        await handler.shutdown(10)
+
+    error = caught.value
+    assert error.type == "ConfigurationError"
+    assert error.non_retryable is True
+    assert error.next_retry_delay is None
+    assert failure_causes(logs) == ["UnknownTopicOrPartitionError"]
+    assert prefix not in str(error)
+    breaker = breakers.get(f"kafka:{REGISTERED}", default_policy(Transport.KAFKA).circuit_breaker)
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.total_successes, snapshot.total_failures) == (
+        BreakerState.CLOSED,
+        1,
+        0,
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=backends.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    assert REGISTERED in {topic.removeprefix(settings.kafka.topic_prefix) for topic in topics}
+    assert prefix + REGISTERED not in topics, "the broker created the topic after all"
+
+
+async def test_breaker_per_topic_recovers_after_its_open_time() -> None:
+    """Breaker recovery: the proxy to the broker is cut, three publishes fail
+    (NodeNotReadyError after the 1 s request timeout, a transport failure) and the topic's
+    breaker opens. It keeps rejecting without a network call until open_seconds (20 s, on a
+    fake clock) have passed; then, with the proxy restored, it is half-open, the first probe
+    success leaves it half-open (success_threshold 2) and the second closes it."""
+    settings = default_policy(Transport.KAFKA).circuit_breaker
+    assert (settings.failure_threshold, settings.open_seconds) == (3, 20)
+    assert settings.success_threshold == 2
+    clock = FakeClock()
+    async with start_proxied_broker() as (bootstrap, proxy):
+        await create_topics(bootstrap)
+        publisher = EventPublisher(fast_kafka(bootstrap), BreakerRegistry(clock=clock))
+        breaker = publisher.breaker(REGISTERED)
+        try:
+            await publisher.publish_envelope(registered())
+            await proxy.cut()
+            for _ in range(3):
+                with pytest.raises(NodeNotReadyError):
+                    await publisher.publish_envelope(registered())
+            assert breaker.state is BreakerState.OPEN
+
+            clock.now += settings.open_seconds - 1
+            started = time.monotonic()
+            with pytest.raises(CircuitOpenError) as rejected:
+                await publisher.publish_envelope(registered())
+            assert time.monotonic() - started < 0.5, "rejected without waiting on the broker"
+            assert rejected.value.retry_after == pytest.approx(1.0)
+
+            proxy.restore()
+            clock.now += 1.5
+            assert breaker.state is BreakerState.HALF_OPEN
+            first = await publisher.publish_envelope(registered())
+            assert breaker.state is BreakerState.HALF_OPEN
+            second = await publisher.publish_envelope(registered())
+            assert breaker.state is BreakerState.CLOSED
+        finally:
+            await publisher.stop()
+
+    assert first.topic == second.topic == REGISTERED
+    assert first.offset >= 0
+    assert second.offset >= 0
+    snapshot = breaker.snapshot()
+    assert (snapshot.total_failures, snapshot.total_rejections, snapshot.total_successes) == (
+        3,
+        1,
+        3,
+    )
+    assert snapshot.consecutive_failures == 0

@@ -8,7 +8,9 @@ few seconds), and waiting on them polls a condition with a deadline, never a sle
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,8 +21,10 @@ import pytest
 import structlog
 from hvac import exceptions as vault_errors
 from pydantic import SecretStr
+from requests import exceptions as requests_errors
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -32,6 +36,8 @@ from activities.resilience.classify import classify
 from activities.resilience.errors import (
     ConfigurationError,
     InfraAuthenticationError,
+    InfraConnectionError,
+    InfraTimeoutError,
     InfraUnavailableError,
     SecretResolutionError,
 )
@@ -42,7 +48,7 @@ from contracts.registry import RegisterNodeRequest
 from contracts.resilience import default_policy
 from tests.fakes.vault_server import FakeVaultServer
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 from workers.settings import OnexSettings, PostgresSettings, SecretsSettings, VaultSettings
 
 ROOT = "root-token-for-vault-tests-0001"
@@ -889,3 +895,165 @@ async def test_no_secret_value_in_any_log_line(
     for line in lines:
         leaked = [secret for secret in secrets if secret in line]
         assert not leaked, f"a secret value appears in a log line: {sanitize_text(line)}"
+
+
+# -- error classes: timeout, refused connection, refused token, breaker recovery --------------
+
+
+async def test_slow_vault_is_a_retryable_timeout(
+    vault: FakeVaultServer, clients: Callable[..., VaultClient]
+) -> None:
+    """Timeout: Vault answers 2 s late (the fake's latency) and the client's timeout is 0.5 s.
+    Reading a secret fails after about 0.5 s with InfraTimeoutError (retryable), classified
+    from requests' ReadTimeout (hvac hands its timeout to requests); it propagates through the
+    resolver even for an optional secret (a slow Vault is not a missing secret) and counts
+    against the vault breaker. With Vault fast again, the next read succeeds."""
+    client = token_client(clients, vault, timeout=0.5)
+    resolver = resolver_for({PASSWORD_SECRET: VAULT_SOURCE}, vault=client)
+    vault.set_latency(2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(InfraTimeoutError) as slow:
+            await resolver.get_secret(PASSWORD_SECRET, required=False)
+        elapsed = time.monotonic() - started
+    finally:
+        vault.set_latency(0)
+
+    error = slow.value
+    assert error.retryable
+    assert error.error_type == "InfraTimeoutError"
+    assert isinstance(error.__cause__, requests_errors.ReadTimeout)
+    assert 0.4 <= elapsed < 2, f"the read failed after {elapsed:.2f}s, not at its 0.5 s timeout"
+    assert (error.context.transport, error.context.operation) == (Transport.VAULT, "read_secret")
+    assert DB_PATH not in str(error)
+    assert client.breaker.snapshot().consecutive_failures == 1
+    assert value(await resolver.get_secret(PASSWORD_SECRET)) == DB_PASSWORD
+    assert client.breaker.snapshot().consecutive_failures == 0
+
+
+async def test_vault_refusing_connections_is_a_retryable_connection_error(
+    clients: Callable[..., VaultClient],
+) -> None:
+    """Refused connection: Vault's address is a closed local port. Reading a secret (through
+    the resolver, even an optional one) and checking the token both fail at once with
+    InfraConnectionError (retryable), classified from requests' ConnectionError; each counts
+    against the vault breaker, and the message names neither the address nor the token."""
+    address = f"127.0.0.1:{free_port()}"
+    client = clients(address=f"http://{address}", token=SecretStr(ROOT))
+    resolver = resolver_for({PASSWORD_SECRET: VAULT_SOURCE}, vault=client)
+
+    started = time.monotonic()
+    with pytest.raises(InfraConnectionError) as refused:
+        await resolver.get_secret(PASSWORD_SECRET, required=False)
+    assert time.monotonic() - started < 5, "a refused connection should fail at once"
+    with pytest.raises(InfraConnectionError) as refused_connect:
+        await client.connect()
+
+    for error in (refused.value, refused_connect.value):
+        assert error.retryable
+        assert type(error.__cause__) is requests_errors.ConnectionError
+        assert error.context.transport is Transport.VAULT
+        assert address not in str(error)
+        assert ROOT not in str(error)
+    assert client.breaker.snapshot().consecutive_failures == 2
+
+
+async def test_refused_token_without_approle_is_a_non_retryable_auth_error(
+    vault: FakeVaultServer, clients: Callable[..., VaultClient]
+) -> None:
+    """Authentication failure without AppRole: a token this Vault never issued, and one that
+    expired, are refused (403 permission denied). With no role ID and secret ID there is
+    nothing to log in with, so the read fails with InfraAuthenticationError (not retryable),
+    classified from hvac's Forbidden, and no login is tried. A refusal is an answer, not an
+    outage: the breaker counts no failure. Behind the activity boundary it is a non-retryable
+    ApplicationError of that type without a retry delay. The token appears nowhere: not in
+    the error, its context, or the ApplicationError's message and details."""
+    unknown = f"hvs.never-issued-{uuid.uuid4().hex}"
+    expired = vault.create_token()
+    vault.expire(expired)
+    for token in (unknown, expired):
+        client = clients(address=vault.url, token=SecretStr(token))
+        assert not client.approle_configured
+
+        with pytest.raises(InfraAuthenticationError) as refused:
+            await client.read(DB_PATH, "password", name=PASSWORD_SECRET)
+        error = refused.value
+        assert not error.retryable
+        assert isinstance(error.__cause__, vault_errors.Forbidden)
+        assert token not in str(error) + repr(error.context)
+        snapshot = client.breaker.snapshot()
+        assert (snapshot.total_failures, snapshot.total_successes) == (0, 1)
+
+        boundary = ActivityBoundary(
+            transport=Transport.VAULT,
+            target="vault",
+            policy=default_policy(Transport.VAULT),
+            breakers=BreakerRegistry(),
+        )
+        with pytest.raises(ApplicationError) as failed:
+            await boundary.wrap("read_secret", client.read)(DB_PATH, "password")
+        assert failed.value.type == "InfraAuthenticationError"
+        assert failed.value.non_retryable is True
+        assert failed.value.next_retry_delay is None
+        [details] = failed.value.details
+        assert (details["error_type"], details["retryable"]) == ("InfraAuthenticationError", False)
+        assert token not in str(failed.value) + json.dumps(details, default=str)
+    assert approle_logins(vault) == 0
+    assert vault.reads[DB_PATH] == 0, "Vault served the secret to a refused token"
+
+
+async def test_vault_breaker_recovers_after_its_open_time(
+    vault: FakeVaultServer, clients: Callable[..., VaultClient], clock: FakeClock
+) -> None:
+    """Breaker recovery after an outage: three reads time out (2 s latency, 0.5 s timeout)
+    and open the vault breaker. It refuses reads without a request until open_seconds (60 s,
+    on a fake clock) have passed; then it is half-open and admits a probe. A probe that fails
+    (503) opens it for another full open_seconds; with Vault healthy, the first probe success
+    leaves it half-open and the second (success_threshold 2) closes it."""
+    settings = default_policy(Transport.VAULT).circuit_breaker
+    assert (settings.failure_threshold, settings.open_seconds) == (3, 60)
+    assert settings.success_threshold == 2
+    client = token_client(clients, vault, timeout=0.5, breakers=BreakerRegistry(clock=clock))
+    breaker = client.breaker
+    vault.set_latency(2)
+    try:
+        for _ in range(3):
+            with pytest.raises(InfraTimeoutError):
+                await client.read(DB_PATH, "password")
+    finally:
+        vault.set_latency(0)
+    assert breaker.state is BreakerState.OPEN
+
+    async def rejected_for(seconds: float) -> None:
+        """The next read is refused without a request, for ``seconds`` more."""
+        sent = len(vault.requests)
+        with pytest.raises(InfraUnavailableError, match="not attempted") as rejected:
+            await client.read(DB_PATH, "password")
+        assert rejected.value.retry_after == pytest.approx(seconds)
+        assert len(vault.requests) == sent, "an open breaker must not call Vault"
+
+    clock.now += settings.open_seconds - 1
+    await rejected_for(1.0)
+    clock.now += 1.5
+    assert breaker.state is BreakerState.HALF_OPEN
+    vault.fail_next(1, 503)
+    with pytest.raises(InfraUnavailableError) as probe_failed:
+        await client.read(DB_PATH, "password")
+    assert isinstance(probe_failed.value.__cause__, vault_errors.VaultDown)
+    assert breaker.state is BreakerState.OPEN
+
+    clock.now += settings.open_seconds - 1
+    await rejected_for(1.0)
+    clock.now += 1.5
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert value(await client.read(DB_PATH, "password")) == DB_PASSWORD
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert value(await client.read(DB_PATH, "password")) == DB_PASSWORD
+    assert breaker.state is BreakerState.CLOSED
+    snapshot = breaker.snapshot()
+    assert (snapshot.total_failures, snapshot.total_rejections, snapshot.total_successes) == (
+        4,
+        2,
+        2,
+    )
+    assert snapshot.consecutive_failures == 0

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from contracts.events import new_envelope
+from contracts.events import EventEnvelope, new_envelope
 
 
 def test_an_envelope_serializes_with_an_rfc3339_timestamp_and_its_key() -> None:
@@ -42,3 +42,16 @@ def test_unknown_topics_and_missing_keys_are_refused() -> None:
     envelope = new_envelope("onex.node.heartbeat.published.v1", {}, correlation_id=uuid.uuid4())
     with pytest.raises(ValueError, match="keyed by node_id"):
         envelope.key()
+
+
+def test_an_envelope_outside_the_catalog_cannot_be_built_directly() -> None:
+    """The catalog check is on the model itself, not only in the factory."""
+    with pytest.raises(ValueError, match="not in the topic catalog"):
+        EventEnvelope(
+            event_id=uuid.uuid4(),
+            event_type="orders.created",
+            source="test",
+            correlation_id=uuid.uuid4(),
+            timestamp=datetime.now(UTC),
+            payload={},
+        )
