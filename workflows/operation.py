@@ -60,6 +60,11 @@ class OperationWorkflow:
         self._status = OperationStatus.RUNNING
         self._saga = Saga()
         self._retrying = False
+        self._compensating = False
+        # A cancellation request seen while a step, event or compensation was finishing: the
+        # activity is allowed to end (so its outcome is known and can be undone), then the
+        # workflow compensates and ends cancelled.
+        self._cancel_requested = False
         self._failed_compensations: list[str] = []
 
     @workflow.run
@@ -69,8 +74,8 @@ class OperationWorkflow:
             step.backend: BackendResult(backend=step.backend) for step in operation.plan.steps
         }
         self._publish_attributes(initial=True)
-        await self._emit(WORKFLOW_STARTED)
         try:
+            await self._emit(WORKFLOW_STARTED)
             await self._run_steps([step.backend for step in operation.plan.steps])
             self._aggregate()
             if self._status is OperationStatus.PARTIAL:
@@ -80,10 +85,11 @@ class OperationWorkflow:
                     await self._await_retries(operation.plan.retry_window_seconds)
         except asyncio.CancelledError:
             workflow.logger.info("cancelled: compensating the steps that succeeded")
+            self._cancel_requested = True
             await self._compensate()
-            await self._finish()
-            raise
         await self._finish()
+        if self._cancel_requested:
+            raise asyncio.CancelledError("the operation was cancelled; succeeded steps were undone")
         if self._status is OperationStatus.COMPENSATION_FAILED:
             raise ApplicationError(
                 f"compensation failed for {', '.join(self._failed_compensations)}: "
@@ -116,6 +122,8 @@ class OperationWorkflow:
         self._retrying = True
         try:
             targets = [backend] if backend else self._failed_backends()
+            # In a sequence, the steps that never ran after a failure follow the retried one.
+            targets += [name for name in self._pending_backends() if name not in targets]
             await self._run_steps(targets)
             self._aggregate()
             self._publish_attributes()
@@ -125,6 +133,10 @@ class OperationWorkflow:
 
     @retry_failed.validator
     def _validate_retry(self, backend: str | None = None) -> None:
+        if self._compensating or self._cancel_requested:
+            raise ValueError("nothing to retry: the operation is being compensated")
+        if self._require_input().plan.aggregation == "all_or_nothing":
+            raise ValueError("nothing to retry: this operation is all or nothing")
         if self._status is not OperationStatus.PARTIAL or self._retrying:
             raise ValueError(
                 f"nothing to retry: the operation is {self._status.value}"
@@ -150,18 +162,22 @@ class OperationWorkflow:
         steps = [plan.step(backend) for backend in backends]
         if plan.execution_mode == "parallel":
             await asyncio.gather(*(self._run_step(step) for step in steps))
-            return
-        for step in steps:
-            await self._run_step(step)
-            if self._results[step.backend].status is StepStatus.FAILED:
-                break  # later steps depend on earlier ones in a sequence
+        else:
+            for step in steps:
+                await self._run_step(step)
+                if self._cancel_requested:
+                    break
+                if self._results[step.backend].status is StepStatus.FAILED:
+                    break  # later steps depend on earlier ones in a sequence
+        if self._cancel_requested:
+            raise asyncio.CancelledError("cancelled while steps were running")
 
     async def _run_step(self, step: PlanStep) -> None:
         operation = self._require_input()
         started = workflow.now()
         outcome = self._results[step.backend]
         try:
-            result: dict[str, Any] = await workflow.execute_activity(
+            result: dict[str, Any] = await self._activity(
                 step.activity, operation.request, result_type=dict, **step.policy.activity_options()
             )
         except ActivityError as error:
@@ -216,14 +232,36 @@ class OperationWorkflow:
             update={"duration_ms": round(outcome.duration_ms + elapsed, 3)}
         )
 
+    async def _activity(self, activity: str, argument: Any, **options: Any) -> Any:
+        """Run an activity to its end even if the workflow is cancelled meanwhile.
+
+        A cancelled workflow must know whether a step it started took effect, so that it can
+        undo it: the activity is not cancelled, the request is remembered, and the workflow
+        acts on it once the activity has ended.
+        """
+        handle = workflow.start_activity(activity, argument, **options)
+        while True:
+            try:
+                return await asyncio.shield(handle)
+            except asyncio.CancelledError:
+                self._cancel_requested = True
+                if handle.done():
+                    return handle.result()
+
     def _failed_backends(self) -> list[str]:
-        return [
-            name for name, result in self._results.items() if result.status is StepStatus.FAILED
-        ]
+        return self._backends_in(StepStatus.FAILED)
+
+    def _pending_backends(self) -> list[str]:
+        return self._backends_in(StepStatus.PENDING)
+
+    def _backends_in(self, status: StepStatus) -> list[str]:
+        return [name for name, result in self._results.items() if result.status is status]
 
     def _aggregate(self) -> None:
+        """success: every step succeeded or was skipped; partial: some took effect; failed."""
         statuses = [result.status for result in self._results.values()]
-        if StepStatus.FAILED not in statuses:
+        done = {StepStatus.SUCCEEDED, StepStatus.SKIPPED}
+        if all(status in done for status in statuses):
             self._status = OperationStatus.SUCCESS
         elif StepStatus.SUCCEEDED in statuses:
             self._status = OperationStatus.PARTIAL
@@ -246,7 +284,8 @@ class OperationWorkflow:
                 await self._compensate()
 
     async def _compensate(self) -> None:
-        compensated, failed = await self._saga.compensate()
+        self._compensating = True
+        compensated, failed = await self._saga.compensate(self._activity)
         for backend in compensated:
             self._results[backend] = self._results[backend].model_copy(
                 update={"status": StepStatus.COMPENSATED, "success": False}
@@ -291,7 +330,7 @@ class OperationWorkflow:
             timestamp=workflow.now(),
         )
         try:
-            await workflow.execute_activity(
+            await self._activity(
                 plan.event_activity, envelope, **plan.event_policy.activity_options()
             )
         except ActivityError as error:

@@ -1,13 +1,14 @@
 """The compensation stack of a saga (SPEC §4.4).
 
 Every forward step that succeeded pushes its compensation. :meth:`Saga.compensate` runs them in
-reverse order, each as an activity with its own (more patient) retry policy, shielded from
-workflow cancellation; a failed compensation is recorded and the others still run.
+reverse order, each as an activity with its own (more patient) retry policy, through a runner
+that lets it finish even if the workflow is cancelled; a failed compensation is recorded and the
+others still run.
 """
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +38,22 @@ class Saga:
         """Forget a step's compensation (it was compensated already)."""
         self.stack = [entry for entry in self.stack if entry.backend != backend]
 
-    async def compensate(self) -> tuple[list[str], list[str]]:
-        """Run every pushed compensation, newest first; return (compensated, failed) backends."""
+    async def compensate(
+        self, run_activity: Callable[..., Awaitable[Any]]
+    ) -> tuple[list[str], list[str]]:
+        """Run every pushed compensation, newest first; return (compensated, failed) backends.
+
+        ``run_activity(name, argument, **options)`` runs one activity to its end even if the
+        workflow is cancelled meanwhile: a cancelled workflow must still undo what it did.
+        """
         compensated: list[str] = []
         failed: list[str] = []
         while self.stack:
             entry = self.stack.pop()
-            handle = workflow.start_activity(
-                entry.activity, entry.argument, **entry.policy.activity_options()
-            )
             try:
-                await _uncancellable(handle)
+                await run_activity(
+                    entry.activity, entry.argument, **entry.policy.activity_options()
+                )
             except ActivityError as error:
                 workflow.logger.warning(
                     "compensation %s of %s failed: %s", entry.activity, entry.backend, error
@@ -56,14 +62,3 @@ class Saga:
             else:
                 compensated.append(entry.backend)
         return compensated, failed
-
-
-async def _uncancellable(task: asyncio.Future[Any]) -> Any:
-    """Wait for ``task`` to finish even if the workflow is cancelled meanwhile: a cancelled
-    workflow must still undo what it did. The caller learns of the cancellation elsewhere."""
-    while True:
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                return task.result()

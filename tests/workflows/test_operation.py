@@ -152,11 +152,11 @@ async def test_a_failed_compensation_ends_compensation_failed_and_stays_queryabl
     assert len(backends.calls["consul.undo_register_service"]) == 1, "non-retryable: once"
 
 
-async def test_cancellation_compensates_what_succeeded(
+async def test_cancellation_compensates_what_succeeded_including_the_step_in_flight(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
-    """Cancelled while PostgreSQL is still working: Consul's registration is undone (shielded
-    from the cancellation) and the workflow ends cancelled."""
+    """Cancelled while PostgreSQL is still working: the workflow lets that step finish (so it
+    knows the upsert took effect), then undoes both steps and ends cancelled."""
     backends = Backends()
     release = asyncio.Event()
 
@@ -175,17 +175,81 @@ async def test_cancellation_compensates_what_succeeded(
 
         await wait_until(consul_done_and_upsert_running, within=30, what="consul to succeed")
         await handle.cancel()
-        try:
-            with pytest.raises(WorkflowFailureError) as failure:
-                await handle.result()
-        finally:
-            release.set()  # the abandoned upsert may end now; its result is ignored
+        release.set()  # the upsert completes after the cancellation request
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
         status = await handle.query(OperationWorkflow.status)
     await record(handle, "register_cancelled_compensated")
     assert "cancel" in str(failure.value.cause).lower()
     assert len(backends.calls["consul.undo_register_service"]) == 1
-    assert statuses(status)["consul"] is StepStatus.COMPENSATED
+    assert len(backends.calls["postgres.restore_node"]) == 1, "the late upsert is undone too"
+    assert statuses(status) == {
+        "consul": StepStatus.COMPENSATED,
+        "postgres": StepStatus.COMPENSATED,
+    }
     assert status.status is OperationStatus.COMPENSATED
+
+
+async def test_a_retry_is_refused_while_compensating(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """An all_or_nothing failure compensates at once; a retry_failed Update arriving during the
+    compensation is refused, and the operation still ends compensated."""
+    backends = Backends()
+    backends.script("postgres.upsert_node", refused)
+    release = asyncio.Event()
+
+    async def slow_undo(attempt: int) -> None:
+        await release.wait()
+
+    backends.script("consul.undo_register_service", slow_undo)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan(aggregation="all_or_nothing"))
+
+        async def compensating() -> bool:
+            return len(backends.calls["consul.undo_register_service"]) == 1
+
+        await wait_until(compensating, within=30, what="the compensation to start")
+        with pytest.raises(WorkflowUpdateFailedError) as refused_update:
+            await handle.execute_update(OperationWorkflow.retry_failed, "postgres")
+        assert "being compensated" in str(refused_update.value.cause)
+        release.set()
+        result = await handle.result()
+    assert result.status is OperationStatus.COMPENSATED
+    assert len(backends.calls["postgres.upsert_node"]) == 3, "no retry ran"
+
+
+async def test_a_sequence_retries_the_failed_step_then_the_ones_after_it(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """In a sequence, a failure stops the steps after it (they stay pending, never success);
+    retry_failed re-runs the failed step and then the pending ones, in order."""
+    backends = Backends()
+    backends.script("postgres.upsert_node", lambda n: refused(n) if n <= 3 else None)
+    base = plan(execution_mode="sequential")
+    replica = base.step("postgres").model_copy(update={"backend": "replica"})
+    sequence = base.model_copy(update={"steps": (*base.steps, replica)})
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, sequence)
+
+        async def partial() -> bool:
+            return (await handle.query(OperationWorkflow.status)).status is OperationStatus.PARTIAL
+
+        await wait_until(partial, within=30, what="the sequence to become partial")
+        status = await handle.query(OperationWorkflow.status)
+        assert statuses(status) == {
+            "consul": StepStatus.SUCCEEDED,
+            "postgres": StepStatus.FAILED,
+            "replica": StepStatus.PENDING,
+        }
+        retried = await handle.execute_update(OperationWorkflow.retry_failed, "postgres")
+        result = await handle.result()
+    assert retried.status is OperationStatus.SUCCESS
+    assert result.status is OperationStatus.SUCCESS
+    assert set(statuses(result).values()) == {StepStatus.SUCCEEDED}
+    assert len(backends.calls["postgres.upsert_node"]) == 5, "postgres 3 + 1, then the replica"
 
 
 async def test_a_disabled_backend_is_skipped_not_successful(
@@ -227,3 +291,32 @@ async def test_deregistration_removes_from_both_and_announces_it(
     )
     assert deregistered.payload["reason"] == "decommissioned"
     assert deregistered.payload["consul_deregistered"] is True
+
+
+async def test_cancelling_a_sequence_stops_it_and_undoes_the_step_in_flight(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Cancelled during the first step of a sequence: that step finishes and is undone, the
+    next step never runs, and the workflow ends cancelled (the request is not lost)."""
+    backends = Backends()
+    release = asyncio.Event()
+
+    async def slow_register(attempt: int) -> None:
+        await release.wait()
+
+    backends.script("consul.register_service", slow_register)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan(execution_mode="sequential"))
+
+        async def registering() -> bool:
+            return len(backends.calls["consul.register_service"]) == 1
+
+        await wait_until(registering, within=30, what="the first step to start")
+        await handle.cancel()
+        release.set()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert "cancel" in str(failure.value.cause).lower()
+    assert backends.calls["postgres.upsert_node"] == [], "the sequence stopped"
+    assert len(backends.calls["consul.undo_register_service"]) == 1
