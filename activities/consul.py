@@ -17,10 +17,22 @@ Idempotency rules (every operation may run again: Temporal retries it after a lo
 
 * ``register_service`` reads the registration the ID has now, then registers (Consul replaces a
   registration with the same ID); the one read is returned as ``previous`` for the
-  compensation. A repeat succeeds and reports the first call's registration as ``previous``.
+  compensation. A repeat succeeds (and registers again).
+* Pre-images: the request's correlation id names one operation (the workflow hands the same
+  request to every attempt and to the compensation). Before it writes, the first attempt of
+  ``register_service`` or ``deregister_service`` stores the registration it read in KV, at
+  ``onex/preimages/<service_id>/<correlation_id>/<operation>`` (JSON, ``{"state": "absent"}``
+  when there was none), with a create-only check-and-set (``cas=0``). When that key exists
+  already, the call is a repeat: it reports the stored registration as ``previous`` rather
+  than the one its own first attempt wrote, so the compensation restores the true pre-image.
+  A different correlation id is a new operation. A request without a correlation id stores
+  nothing and reports what it reads (a repeat then reports the first attempt's own write).
+  The keys are never deleted here (remove them by prefix when no workflow can still
+  compensate); the ACL token needs write access to the ``onex/preimages/`` prefix.
 * ``undo_register_service`` deregisters when there was no previous registration (one already
   gone is success, ``unchanged``), else registers the previous definition again (``restored``).
-* ``deregister_service`` of a service already gone is a success with ``existed=False``.
+* ``deregister_service`` of a service already gone is a success with ``existed=False``; a
+  repeat reports the stored pre-image, so ``existed`` stays True after a lost reply.
 * ``undo_deregister_service`` registers the removed definition again, if there was one.
 
 Each operation makes one attempt; failures propagate as native python-consul2/aiohttp/OS errors
@@ -41,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -102,6 +115,9 @@ exited when the client is discarded."""
 DISABLED_REASON: Final = "no Consul address is configured (set ONEX_CONSUL__ADDRESS)"
 
 DEFAULT_PORT: Final = 8500
+
+PREIMAGE_PREFIX: Final = "onex/preimages/"
+"""KV prefix of the pre-images: ``<prefix><service_id>/<correlation_id>/<operation>``."""
 
 logger = structlog.get_logger("onex.consul")
 
@@ -308,7 +324,10 @@ class ConsulHandler(HandlerBase):
         definition = self._definition(request)
 
         async def work(api: Any) -> RegisterServiceResult:
-            previous = await _read_service(api, request.consul_service_id, self._check)
+            current = await _read_service(api, request.consul_service_id, self._check)
+            previous = await self._preimage(
+                api, request.consul_service_id, request.correlation_id, "register_service", current
+            )
             await _register(api, definition)
             return RegisterServiceResult(
                 service_id=request.consul_service_id,
@@ -333,7 +352,10 @@ class ConsulHandler(HandlerBase):
         service_id = request.consul_service_id
 
         async def work(api: Any) -> DeregisterServiceResult:
-            previous = await _read_service(api, service_id, self._check)
+            current = await _read_service(api, service_id, self._check)
+            previous = await self._preimage(
+                api, service_id, request.correlation_id, "deregister_service", current
+            )
             removed = await _deregister(api, service_id)
             return DeregisterServiceResult(
                 service_id=service_id, existed=removed or previous is not None, previous=previous
@@ -484,6 +506,37 @@ class ConsulHandler(HandlerBase):
 
     # -- helpers -----------------------------------------------------------------------------
 
+    async def _preimage(
+        self,
+        api: Any,
+        service_id: str,
+        correlation_id: uuid.UUID | None,
+        operation: str,
+        current: dict[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """The registration before the operation: ``current`` on its first attempt, which
+        stores it (create-only); the stored one on a repeat (same correlation id). Without a
+        correlation id nothing is stored and ``current`` is the answer."""
+        if correlation_id is None:
+            return current
+        key = f"{PREIMAGE_PREFIX}{service_id}/{correlation_id}/{operation}"
+        stored = _encode_preimage(current)
+        if await api.kv.put(key, stored, cas=0):
+            return current  # the first attempt: what was read now is the pre-image
+        _, found = await api.kv.get(key)
+        if found is None:
+            # The key existed a moment ago and was deleted since (by hand): what is there now
+            # is the best pre-image left.
+            logger.warning("consul_preimage_vanished", target=self.target, key=key)
+            return current
+        try:
+            return _decode_preimage(found.get("Value"))
+        except ValueError:
+            raise ConfigurationError(
+                f"Consul key {key!r} does not hold a pre-image written by this handler",
+                context=self._context(operation, correlation_id),
+            ) from None
+
     def _context(self, operation: str, correlation_id: uuid.UUID | None = None) -> ErrorContext:
         return ErrorContext(
             transport=self.transport,
@@ -598,6 +651,30 @@ async def _deregister(api: Any, service_id: str) -> bool:
     """True if it was removed; False if the agent did not know it (404: already gone)."""
     removed: bool = await api.agent.service.deregister(service_id)
     return removed
+
+
+def _encode_preimage(definition: Mapping[str, Any] | None) -> bytes:
+    """A pre-image as stored in KV: the definition, or the sentinel for "no registration"."""
+    if definition is None:
+        return json.dumps({"state": "absent"}).encode()
+    return json.dumps({"state": "present", "definition": definition}).encode()
+
+
+def _decode_preimage(raw: bytes | None) -> dict[str, Any] | None:
+    """The definition stored by :func:`_encode_preimage` (None for absent); ValueError if the
+    value is not one."""
+    try:
+        stored = json.loads(bytes(raw or b"").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("not a pre-image") from None
+    if not isinstance(stored, dict):
+        raise ValueError("not a pre-image")
+    if stored.get("state") == "absent":
+        return None
+    definition = stored.get("definition")
+    if stored.get("state") != "present" or not isinstance(definition, dict):
+        raise ValueError("not a pre-image")
+    return definition
 
 
 def _instance(entry: Mapping[str, Any]) -> ServiceInstance:

@@ -15,18 +15,33 @@ Tables (created by the versioned migrations in ``activities/migrations/``, see
     Outbox rows the relay gave up on (written by the relay, not here).
 ``onex_processed_messages``
     ``(domain, message_id)`` pairs a consumer has handled, for at-least-once deduplication.
+``onex_node_preimages``
+    The row a forward operation found before its first attempt (``previous``, NULL for none),
+    one per ``(node_id, correlation_id, operation)``; see the idempotency rules below.
 
 Idempotency rules (every operation may run again: Temporal retries it after a lost reply):
 
 * ``upsert_node`` locks the existing row, then inserts or updates it, in one transaction, and
-  returns the row before (None for a new node) for its compensation. A repeat succeeds: it
-  bumps ``row_version`` and reports the first call's row as ``previous``.
+  returns the row before (None for a new node) for its compensation. A repeat succeeds and
+  bumps ``row_version``.
+* Pre-images: the correlation id of a request names one operation (the workflow hands the same
+  request to every attempt and to the compensation). In the transaction of its write, the
+  first attempt of ``upsert_node`` (and ``upsert_node_and_enqueue``) or ``deactivate_node``
+  records the row it found in ``onex_node_preimages`` (``INSERT .. ON CONFLICT DO NOTHING``);
+  a repeat with the same correlation id finds that record and reports the stored row as
+  ``previous``, not the row its own first attempt wrote, so a compensation after a lost reply
+  restores the true pre-image. A different correlation id is a new operation and sees the row
+  as it is then. A request without a correlation id records nothing and reports the row as it
+  is now (a repeat then reports the first attempt's own write). Records are deleted only by
+  ``cleanup_preimages(ttl_seconds)``, which nothing schedules yet; the TTL must outlast the
+  longest workflow that may still compensate.
 * ``restore_node`` undoes ``upsert_node`` or ``deactivate_node`` from their result: no previous
   row means delete it (already gone is success); otherwise put the previous row back exactly,
   every field including ``status``, ``registered_at`` and ``updated_at``, with ``row_version``
   moved forward. A row already equal to the previous one is left as it is, so a second call
   changes nothing. A deactivation that changed nothing has nothing to undo.
 * ``deactivate_node`` of a missing or already inactive node is a success that changes nothing.
+  ``deactivated`` is True when ``previous`` (the stored pre-image, for a repeat) was active.
 * ``enqueue_event`` inserts once per ``event_id``; a repeat reports ``enqueued=False``.
   ``upsert_node_and_enqueue`` commits the node and its event together, or neither.
 * ``check_and_record`` has exactly one winner per ``(domain, message_id)``, under any race.
@@ -191,6 +206,27 @@ WHERE processed_at < now() - $1::double precision * interval '1 second'
 """
 
 _FORGET_PROCESSED = "DELETE FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
+
+_RECORD_PREIMAGE = """
+INSERT INTO onex_node_preimages (node_id, correlation_id, operation, previous)
+VALUES ($1, $2, $3, $4::jsonb)
+ON CONFLICT (node_id, correlation_id, operation) DO NOTHING
+RETURNING previous
+"""
+
+_STORED_PREIMAGE = """
+SELECT previous FROM onex_node_preimages
+WHERE node_id = $1 AND correlation_id = $2 AND operation = $3
+"""
+
+_CLEANUP_PREIMAGES = """
+DELETE FROM onex_node_preimages
+WHERE created_at < now() - $1::double precision * interval '1 second'
+"""
+
+# The ``operation`` of a pre-image record (upsert_node_and_enqueue shares upsert_node's).
+_UPSERT_OPERATION: Final = "upsert_node"
+_DEACTIVATE_OPERATION: Final = "deactivate_node"
 
 
 class PostgresIdempotencyStore:
@@ -365,6 +401,22 @@ class PostgresHandler(HandlerBase):
             lambda connection: PostgresIdempotencyStore(connection).cleanup_expired(ttl_seconds)
         )
 
+    async def cleanup_preimages(self, ttl_seconds: float) -> int:
+        """Forget pre-image records older than ``ttl_seconds``; returns how many.
+
+        Nothing schedules it yet. A repeat of an operation whose record is gone reports the
+        row as it is then, so the TTL must outlast every workflow that may still retry or
+        compensate the operation.
+        """
+        if not math.isfinite(ttl_seconds) or ttl_seconds < 0:
+            raise ValueError("ttl_seconds must be a finite number of seconds, at least 0")
+
+        async def work(connection: Any) -> int:
+            status: str = await connection.execute(_CLEANUP_PREIMAGES, float(ttl_seconds))
+            return int(status.split()[-1])  # "DELETE <count>"
+
+        return await self._run(work)
+
     # -- connections and credentials ---------------------------------------------------------
 
     async def _run(self, work: Callable[[Any], Awaitable[T]], *, transaction: bool = False) -> T:
@@ -467,9 +519,45 @@ async def _fetch_node(
     return None if row is None else _node_record(row)
 
 
+async def _preimage(
+    connection: Any,
+    node_id: uuid.UUID,
+    correlation_id: uuid.UUID | None,
+    operation: str,
+    current: NodeRecord | None,
+) -> NodeRecord | None:
+    """The row before the operation: ``current`` on its first attempt, which records it; the
+    recorded row on a repeat (same correlation id). In the transaction of the write, after the
+    row lock. Without a correlation id nothing is recorded and ``current`` is the answer."""
+    if correlation_id is None:
+        return current
+    recorded = await connection.fetchrow(
+        _RECORD_PREIMAGE,
+        node_id,
+        correlation_id,
+        operation,
+        None if current is None else current.model_dump_json(),
+    )
+    if recorded is not None:
+        return current  # the first attempt: the row as read now is the pre-image
+    stored = await connection.fetchrow(_STORED_PREIMAGE, node_id, correlation_id, operation)
+    if stored is None:
+        # Committed by a concurrent attempt we waited for, then deleted by a cleanup meanwhile:
+        # roll back and let the retry decide again.
+        raise asyncpg.exceptions.SerializationError(
+            "the pre-image record changed concurrently; retry to read it"
+        )
+    previous = _json(stored["previous"])
+    return None if previous is None else NodeRecord.model_validate(previous)
+
+
 async def _write_node(connection: Any, request: RegisterNodeRequest) -> UpsertNodeResult:
-    """Lock the existing row (the previous one), then insert or update it. In a transaction."""
-    previous = await _fetch_node(connection, request.node_id, for_update=True)
+    """Lock the existing row, record or read back the pre-image, then insert or update the row.
+    In a transaction."""
+    current = await _fetch_node(connection, request.node_id, for_update=True)
+    previous = await _preimage(
+        connection, request.node_id, request.correlation_id, _UPSERT_OPERATION, current
+    )
     row = await connection.fetchrow(
         _UPSERT_NODE,
         request.node_id,
@@ -484,7 +572,7 @@ async def _write_node(connection: Any, request: RegisterNodeRequest) -> UpsertNo
         request.correlation_id or current_correlation_id(),
     )
     node = _node_record(row)
-    if previous is None and node.row_version != 1:
+    if current is None and node.row_version != 1:
         # Another transaction created the row after our read: we cannot name the previous row,
         # so roll back and let the retry (which will see that row) report it.
         raise asyncpg.exceptions.SerializationError(
@@ -524,13 +612,19 @@ async def _delete_row(connection: Any, node_id: uuid.UUID) -> str:
 
 
 async def _deactivate(connection: Any, request: DeregisterNodeRequest) -> DeactivateNodeResult:
-    previous = await _fetch_node(connection, request.node_id, for_update=True)
-    if previous is None or previous.status is NodeStatus.INACTIVE:
-        return DeactivateNodeResult(previous=previous, deactivated=False)
-    await connection.execute(
-        _DEACTIVATE_NODE, request.node_id, request.correlation_id or current_correlation_id()
+    """Lock the row, record or read back the pre-image, then deactivate the row if it is active.
+    In a transaction. ``deactivated`` reports whether the operation (its first attempt, for a
+    repeat) turned an active node inactive."""
+    current = await _fetch_node(connection, request.node_id, for_update=True)
+    previous = await _preimage(
+        connection, request.node_id, request.correlation_id, _DEACTIVATE_OPERATION, current
     )
-    return DeactivateNodeResult(previous=previous, deactivated=True)
+    if current is not None and current.status is NodeStatus.ACTIVE:
+        await connection.execute(
+            _DEACTIVATE_NODE, request.node_id, request.correlation_id or current_correlation_id()
+        )
+    deactivated = previous is not None and previous.status is NodeStatus.ACTIVE
+    return DeactivateNodeResult(previous=previous, deactivated=deactivated)
 
 
 async def _insert_event(

@@ -15,6 +15,13 @@ from typing import Any
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
+# Keys that name credentials (a subset of the sanitizer's list, kept here because contracts
+# import nothing that does I/O).
+_SECRET_KEY = re.compile(
+    r"passw(or)?d|passphrase|secret|token|api[_-]?key|access[_-]?key|credential|private[_-]?key"
+    r"|authorization|cookie|session[_-]?id|dsn|(^|[_-])auth($|[_-])",
+    re.IGNORECASE,
+)
 SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 
 
@@ -37,6 +44,14 @@ class _Contract(BaseModel):
 class NodeEndpoints(_Contract):
     health: AnyHttpUrl = Field(description="The URL Consul's HTTP health check polls")
 
+    @field_validator("health")
+    @classmethod
+    def _no_credentials(cls, url: AnyHttpUrl) -> AnyHttpUrl:
+        # The URL is stored in Consul, PostgreSQL and the workflow history: no userinfo.
+        if url.username or url.password:
+            raise ValueError("the health URL must not carry credentials (user:password@)")
+        return url
+
 
 class RegisterNodeRequest(_Contract):
     """Register a node in the service catalog and the registry database at the same time."""
@@ -58,6 +73,18 @@ class RegisterNodeRequest(_Contract):
         if not re.fullmatch(SEMVER, version):
             raise ValueError(f"{version!r} is not a semantic version such as 1.4.2")
         return version
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_secret_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
+        # Metadata is shown everywhere (Consul, the registry, Temporal): never a credential.
+        for key in metadata:
+            if _SECRET_KEY.search(key):
+                raise ValueError(
+                    f"metadata key {key!r} looks like a credential; metadata is public, keep "
+                    "secrets in the secret store"
+                )
+        return metadata
 
     @field_validator("tags")
     @classmethod

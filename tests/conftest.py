@@ -27,9 +27,10 @@ from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
 from activities.resilience.sanitize import forget_secrets
+from contracts.search_attributes import SEARCH_ATTRIBUTES
 from tests.support import free_port
 from workers.converter import DATA_CONVERTER
-from workers.devstack import SEARCH_ATTRIBUTES, DevStack, ServiceName, create_topics, superuser_dsn
+from workers.devstack import DevStack, ServiceName, create_topics, superuser_dsn
 from workers.settings import (
     DevSettings,
     KafkaSettings,

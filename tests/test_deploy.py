@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from activities.resilience.sanitize import is_secret_key
-from workers.devstack import SEARCH_ATTRIBUTES
+from contracts.search_attributes import SEARCH_ATTRIBUTES
 from workers.settings import OnexSettings
 
 ROOT = Path(__file__).resolve().parents[1]

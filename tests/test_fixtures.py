@@ -11,10 +11,10 @@ from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from contracts.search_attributes import SEARCH_ATTRIBUTES
 from contracts.topics import CATALOG
 from tests.sample_workflows import SleepThenEchoWorkflow, echo
 from tests.support import wait_until
-from workers.devstack import SEARCH_ATTRIBUTES
 from workers.settings import OnexSettings
 
 

@@ -20,7 +20,6 @@ from typing import Any
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import (
-    SearchAttributeKey,
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
@@ -33,14 +32,11 @@ from activities.resilience.correlation import ensure_correlation_id
 from contracts.operation_contract import OperationContract, OperationPlan, compile_plan
 from contracts.operations_io import OperationInput, OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
+from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
 from workers.converter import DATA_CONVERTER
-from workers.interceptors import CORRELATION_ID_ATTRIBUTE, CorrelationInterceptor
+from workers.interceptors import CorrelationInterceptor
 from workers.settings import OnexSettings
 from workflows.operation import OperationWorkflow
-
-ONEX_OPERATION = SearchAttributeKey.for_keyword("OnexOperation")
-ONEX_STATUS = SearchAttributeKey.for_keyword("OnexStatus")
-NODE_ID = SearchAttributeKey.for_keyword("NodeId")
 
 
 async def connect(settings: OnexSettings) -> Client:
@@ -116,7 +112,7 @@ async def start_operation(
     data = request.model_dump(mode="json")
     workflow_id = contract.workflow_id.format(**data)
     attributes = [
-        SearchAttributePair(CORRELATION_ID_ATTRIBUTE, str(correlation_id)),
+        SearchAttributePair(CORRELATION_ID, str(correlation_id)),
         SearchAttributePair(ONEX_OPERATION, operation),
         SearchAttributePair(ONEX_STATUS, OperationStatus.RUNNING.value),
     ]

@@ -35,10 +35,9 @@ from typing import Any
 
 import psutil
 
+from contracts.search_attributes import SEARCH_ATTRIBUTES
 from contracts.topics import CATALOG
 from workers.settings import OnexSettings
-
-SEARCH_ATTRIBUTES = ("CorrelationId", "NodeId", "OnexOperation", "OnexStatus")
 
 # The PostgreSQL server refuses to run as root; when we are root it runs as this system user.
 POSTGRES_SYSTEM_USER = "onex-postgres"

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 import structlog
 from temporalio import activity, client, converter, workflow
 from temporalio.api.common.v1 import Payload
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.worker import (
     ActivityInboundInterceptor,
     ContinueAsNewInput,
@@ -41,9 +41,10 @@ from activities.resilience.correlation import (
     current_correlation_id,
     ensure_correlation_id,
 )
+from contracts.search_attributes import CORRELATION_ID
 
 CORRELATION_HEADER = "onex-correlation-id"
-CORRELATION_ID_ATTRIBUTE = SearchAttributeKey.for_keyword("CorrelationId")
+CORRELATION_ID_ATTRIBUTE = CORRELATION_ID  # the name tests and users know it by
 
 _payloads = converter.PayloadConverter.default
 

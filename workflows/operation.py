@@ -23,7 +23,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -38,12 +37,9 @@ with workflow.unsafe.imports_passed_through():
         event_payload,
     )
     from contracts.registry import CompensationInput
+    from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
     from workflows.saga import Compensation, Saga
 
-ONEX_OPERATION = SearchAttributeKey.for_keyword("OnexOperation")
-ONEX_STATUS = SearchAttributeKey.for_keyword("OnexStatus")
-NODE_ID = SearchAttributeKey.for_keyword("NodeId")
-CORRELATION_ID = SearchAttributeKey.for_keyword("CorrelationId")
 
 WORKFLOW_STARTED = "onex.registry.workflow.started.v1"
 WORKFLOW_COMPLETED = "onex.registry.workflow.completed.v1"

@@ -7,6 +7,7 @@ failures are run through the real activity boundary to see the error class Tempo
 from __future__ import annotations
 
 import gc
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -35,6 +36,7 @@ from activities.resilience.errors import ConfigurationError, InfraConnectionErro
 from contracts.errors import Transport
 from contracts.registry import (
     CompensationInput,
+    DeregisterNodeRequest,
     RegisterServiceResult,
 )
 from contracts.resilience import default_policy
@@ -218,11 +220,10 @@ async def test_correlation_id_comes_from_the_context_when_the_request_has_none(
     assert agent.services[result.service_id]["Meta"]["correlation_id"] == str(correlation_id)
 
 
-async def test_register_again_is_idempotent_and_reports_the_first_registration(
-    agent: FakeConsulAgent, handler: ConsulHandler
-) -> None:
-    """Registering the same node again succeeds, leaves one registration, and reports the first
-    one (with its check, rebuilt from its health_url meta) as previous."""
+async def test_register_again_is_idempotent(agent: FakeConsulAgent, handler: ConsulHandler) -> None:
+    """Registering the same node again (a retry: same correlation id) succeeds, leaves one
+    registration unchanged, and reports the first attempt's pre-image (nothing), not the
+    registration that attempt wrote."""
     request = register_request()
     first = await handler.register_service(request)
     registered = dict(agent.services[first.service_id])
@@ -231,13 +232,8 @@ async def test_register_again_is_idempotent_and_reports_the_first_registration(
 
     assert list(agent.services) == [first.service_id]
     assert agent.services[first.service_id] == registered
-    assert again.previous is not None
-    assert again.previous["ID"] == first.service_id
-    assert again.previous["Name"] == "onex-effect"
-    assert (again.previous["Address"], again.previous["Port"]) == ("10.0.0.7", 8080)
-    assert again.previous["Tags"] == registered["Tags"]
-    assert again.previous["Meta"] == registered["Meta"]
-    assert again.previous["Check"]["http"] == "http://10.0.0.7:8080/health"
+    assert first.previous is None
+    assert again.previous is None
 
 
 async def test_undo_register_after_a_fresh_register_removes_it(
@@ -290,6 +286,139 @@ async def test_undo_register_rejects_a_foreign_forward_result(handler: ConsulHan
     bad = CompensationInput(request=request.model_dump(mode="json"), forward_result={"x": 1})
     with pytest.raises(ConfigurationError, match="forward_result"):
         await handler.undo_register_service(bad)
+
+
+# -- retries after a lost reply (pre-images) -----------------------------------------------------
+
+
+def preimage_key(service_id: str, correlation_id: uuid.UUID | None, operation: str) -> str:
+    return f"onex/preimages/{service_id}/{correlation_id}/{operation}"
+
+
+def preimage_keys(agent: FakeConsulAgent) -> list[str]:
+    return sorted(key for key in agent.kv if key.startswith("onex/preimages/"))
+
+
+async def test_retried_register_of_a_new_service_lets_undo_deregister_it(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A register_service retried after a lost reply reports the true pre-image (no
+    registration) both times, stored once under onex/preimages/ with the "absent" sentinel, so
+    the undo deregisters the service instead of "restoring" the first attempt's write."""
+    request = register_request()
+    lost = await handler.register_service(request)  # registered; Temporal never saw this
+
+    retried = await handler.register_service(request)
+
+    assert lost.previous is None
+    assert retried.previous is None
+    key = preimage_key(retried.service_id, request.correlation_id, "register_service")
+    assert preimage_keys(agent) == [key]
+    assert json.loads(agent.kv[key]) == {"state": "absent"}
+    undone = await handler.undo_register_service(compensation(request, retried))
+    assert undone.action == "deregistered"
+    assert agent.services == {}
+
+
+async def test_retried_register_over_an_existing_service_reports_the_original(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A registration that replaced another, retried after a lost reply, reports the original
+    registration as previous both times, so its undo puts the original back exactly."""
+    node_id = uuid.uuid4()
+    await handler.register_service(register_request(node_id))
+    service_id = f"onex-effect-{node_id}"
+    original = dict(agent.services[service_id])
+    update = register_request(node_id, port=9090, tags=("green",))
+
+    lost = await handler.register_service(update)
+    retried = await handler.register_service(update)
+
+    assert lost.previous is not None
+    assert retried.previous == lost.previous
+    assert retried.previous["Port"] == 8080
+    assert retried.previous["Meta"] == original["Meta"]
+    assert agent.services[service_id]["Port"] == 9090
+    undone = await handler.undo_register_service(compensation(update, retried))
+    assert undone.action == "restored"
+    assert agent.services[service_id] == original
+
+
+async def test_retried_deregister_reports_the_registration_so_undo_restores_it(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A deregistration retried after a lost reply reports the removed registration and
+    existed=True both times (not "already gone"), so its undo registers the service again."""
+    node_id = uuid.uuid4()
+    await handler.register_service(register_request(node_id))
+    registration = dict(agent.services[f"onex-effect-{node_id}"])
+    request = deregister_request(node_id)
+
+    lost = await handler.deregister_service(request)
+    retried = await handler.deregister_service(request)
+
+    assert agent.services == {}
+    assert lost.existed is True
+    assert retried.existed is True
+    assert retried.previous is not None
+    assert retried.previous == lost.previous
+    undone = await handler.undo_deregister_service(compensation(request, retried))
+    assert undone.action == "restored"
+    assert agent.services[retried.service_id] == registration
+
+
+async def test_a_different_correlation_id_is_a_new_operation(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Another correlation id names another operation: it stores and reports the registration as
+    it is then (the first operation's write)."""
+    node_id = uuid.uuid4()
+    first = await handler.register_service(register_request(node_id))
+    written = dict(agent.services[first.service_id])
+
+    second = await handler.register_service(register_request(node_id, port=7000))
+
+    assert first.previous is None
+    assert second.previous is not None
+    assert (second.previous["Port"], second.previous["Meta"]) == (8080, written["Meta"])
+    removed = await handler.deregister_service(deregister_request(node_id))
+    assert removed.previous is not None
+    assert removed.previous["Port"] == 7000
+    assert len(preimage_keys(agent)) == 3
+
+
+async def test_requests_without_a_correlation_id_store_no_pre_image(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Without a correlation id there is no operation to key a pre-image on: nothing is stored
+    and a repeat reports the registration as it is now (the behaviour before pre-images)."""
+    request = register_request(correlation_id=None)
+    first = await handler.register_service(request)
+
+    again = await handler.register_service(request)
+
+    assert first.previous is None
+    assert again.previous is not None
+    assert again.previous["ID"] == first.service_id
+    deregister = DeregisterNodeRequest(node_id=request.node_id, node_type="effect")
+    assert (await handler.deregister_service(deregister)).existed is True
+    assert (await handler.deregister_service(deregister)).existed is False
+    assert preimage_keys(agent) == []
+
+
+async def test_a_pre_image_key_holding_something_else_is_a_configuration_error(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A pre-image key this handler did not write (not its JSON) is refused as a
+    ConfigurationError, and nothing is registered."""
+    request = register_request()
+    agent.kv[
+        preimage_key(request.consul_service_id, request.correlation_id, "register_service")
+    ] = b"not json"
+
+    with pytest.raises(ConfigurationError, match="pre-image"):
+        await handler.register_service(request)
+    assert agent.services == {}
 
 
 # -- deregistration ------------------------------------------------------------------------------
@@ -587,13 +716,17 @@ async def test_rotated_token_is_refreshed_once_within_the_call(agent: FakeConsul
         agent.rotate_token(ROTATED)
         register = boundary(handler).wrap("register_service", handler.register_service)
         with structlog.testing.capture_logs() as logs:
-            result = await register(register_request())
+            request = register_request()
+            result = await register(request)
             await handler.kv_put(KvPutRequest(key="k", value="v"))
 
         assert result.service_id in agent.services
         assert secrets.refreshed == [TOKEN_SECRET]
         assert factory.tokens == [TOKEN, ROTATED]
-        assert agent.kv == {"k": b"v"}
+        assert agent.kv["k"] == b"v"
+        assert preimage_keys(agent) == [
+            preimage_key(result.service_id, request.correlation_id, "register_service")
+        ]
         assert all(h.get("X-Consul-Token") == "<redacted>" for _, _, h in agent.requests[1:])
         for text in (repr(agent.requests), repr(logs)):
             assert TOKEN not in text

@@ -20,6 +20,7 @@ REGISTRY_TABLES = {
     "onex_outbox",
     "onex_dead_letters",
     "onex_processed_messages",
+    "onex_node_preimages",
     "onex_schema_migrations",
 }
 
@@ -63,20 +64,23 @@ def test_packaged_migrations_are_ordered_with_file_checksums() -> None:
 
 
 async def test_first_run_applies_the_registry_schema(connection: Any) -> None:
-    """An empty database gets 0001: its tables exist and the version is recorded with its
-    checksum; the advisory lock is released afterwards."""
+    """An empty database gets 0001 and 0002: their tables exist and each version is recorded
+    with its checksum; the advisory lock is released afterwards."""
     assert await tables(connection) == set()
 
     applied = await migrate(connection)
 
-    assert applied == ["0001_registry"]
+    assert applied == ["0001_registry", "0002_preimages"]
     assert await tables(connection) == REGISTRY_TABLES
-    row = await connection.fetchrow(
-        "SELECT version, name, checksum, applied_at FROM onex_schema_migrations"
+    rows = await connection.fetch(
+        "SELECT version, name, checksum, applied_at FROM onex_schema_migrations ORDER BY version"
     )
-    assert (row["version"], row["name"]) == (1, "0001_registry")
-    assert row["checksum"] == load_migrations()[0].checksum
-    assert row["applied_at"] is not None
+    assert [(row["version"], row["name"]) for row in rows] == [
+        (1, "0001_registry"),
+        (2, "0002_preimages"),
+    ]
+    assert [row["checksum"] for row in rows] == [m.checksum for m in load_migrations()]
+    assert all(row["applied_at"] is not None for row in rows)
     assert await advisory_locks(connection) == 0
 
 

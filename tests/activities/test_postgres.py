@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 
 from activities.base import HandlerConfig, HandlerResources
+from activities.migrate import load_migrations
 from activities.postgres import PASSWORD_SECRET, POOL_CLIENT, POOL_FACTORY_CLIENT, PostgresHandler
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
@@ -27,6 +28,7 @@ from contracts.events import EventEnvelope, new_envelope
 from contracts.registry import (
     CompensationInput,
     DeactivateNodeResult,
+    DeregisterNodeRequest,
     GetNodeRequest,
     NodeRecord,
     NodeStatus,
@@ -152,13 +154,15 @@ async def test_upsert_of_a_new_node_has_no_previous_row(postgres_handler: Postgr
 
 
 async def test_repeated_upsert_is_idempotent(postgres_handler: PostgresHandler) -> None:
-    """The same request again succeeds, bumps row_version and reports the first row as previous."""
+    """The same request again (a retry: same correlation id) succeeds, bumps row_version and
+    reports the pre-image of the first attempt (no row), not the row that attempt wrote."""
     request = register_request()
     first = await postgres_handler.upsert_node(request)
 
     again = await postgres_handler.upsert_node(request)
 
-    assert again.previous == first.node
+    assert first.previous is None
+    assert again.previous is None
     assert again.node.row_version == 2
     assert without_row_version(again.node) | {"updated_at": None} == without_row_version(
         first.node
@@ -232,6 +236,204 @@ async def test_concurrent_creation_between_read_and_write_is_retryable(
     assert retried.previous is not None
     assert retried.previous.port == 1111
     assert retried.node.row_version == 2
+
+
+# -- retries after a lost reply (pre-images) ---------------------------------------------------
+
+
+async def preimage_rows(db: Any, node_id: uuid.UUID) -> list[tuple[uuid.UUID, str, Any]]:
+    """The pre-image records of a node: (correlation_id, operation, previous as JSON)."""
+    rows = await db.fetch(
+        "SELECT correlation_id, operation, previous FROM onex_node_preimages WHERE node_id = $1 "
+        "ORDER BY created_at",
+        node_id,
+    )
+    return [
+        (
+            row["correlation_id"],
+            row["operation"],
+            None if row["previous"] is None else json.loads(row["previous"]),
+        )
+        for row in rows
+    ]
+
+
+async def test_retried_upsert_of_a_new_node_lets_restore_remove_it(
+    postgres_handler: PostgresHandler, db: Any
+) -> None:
+    """A retried upsert after a lost reply returns the true pre-image, so restore_node removes a
+    node that did not exist before: the first attempt committed (its reply lost), the retry with
+    the same request reports previous None again, and the compensation deletes the row."""
+    request = register_request()
+    lost = await postgres_handler.upsert_node(request)  # committed; Temporal never saw this
+
+    retried = await postgres_handler.upsert_node(request)
+
+    assert lost.previous is None
+    assert retried.previous is None
+    assert retried.node.row_version == 2
+    assert await preimage_rows(db, request.node_id) == [
+        (request.correlation_id, "upsert_node", None)
+    ]
+    restored = await postgres_handler.restore_node(compensation(request, retried))
+    assert restored.action == "deleted"
+    assert (await postgres_handler.get_node(GetNodeRequest(node_id=request.node_id))).node is None
+
+
+async def test_retried_upsert_of_an_existing_node_reports_the_row_before_the_first_attempt(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """An update retried after a lost reply reports the row as it was before its FIRST attempt
+    (both times), so restore_node puts that row back rather than the first attempt's write."""
+    node_id = uuid.uuid4()
+    original = (await postgres_handler.upsert_node(register_request(node_id))).node
+    update = register_request(node_id, address="10.9.9.9", port=9999)
+
+    lost = await postgres_handler.upsert_node(update)
+    retried = await postgres_handler.upsert_node(update)
+
+    assert lost.previous == original
+    assert retried.previous == original
+    assert retried.node.port == 9999
+    assert retried.node.row_version == 3
+    restored = await postgres_handler.restore_node(compensation(update, retried))
+    assert restored.action == "restored"
+    now = (await postgres_handler.get_node(GetNodeRequest(node_id=node_id))).node
+    assert without_row_version(now) == without_row_version(original)
+    assert now is not None
+    assert now.row_version == 4
+
+
+async def test_retried_upsert_and_enqueue_shares_the_upsert_pre_image(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """upsert_node_and_enqueue records its pre-image like upsert_node: retried (same request,
+    same correlation id) after a lost reply, it still reports that the node was new."""
+    request = register_request()
+    envelope = registered_event(request.node_id)
+
+    await postgres_handler.upsert_node_and_enqueue(request, envelope)
+    retried = await postgres_handler.upsert_node_and_enqueue(request, envelope)
+
+    assert retried.previous is None
+    assert retried.node.row_version == 2
+
+
+async def test_retried_deactivation_reports_the_active_row_so_undo_reactivates(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """A deactivation retried after a lost reply reports the active row before its first attempt
+    as previous with deactivated=True (not the inactive row, deactivated=False), so its undo
+    makes the node active again."""
+    node_id = uuid.uuid4()
+    active = (await postgres_handler.upsert_node(register_request(node_id))).node
+    request = deregister_request(node_id)
+
+    lost = await postgres_handler.deactivate_node(request)
+    retried = await postgres_handler.deactivate_node(request)
+
+    assert lost == DeactivateNodeResult(previous=active, deactivated=True)
+    assert retried == DeactivateNodeResult(previous=active, deactivated=True)
+    inactive = (await postgres_handler.get_node(GetNodeRequest(node_id=node_id))).node
+    assert inactive is not None
+    assert inactive.status is NodeStatus.INACTIVE
+    assert inactive.row_version == active.row_version + 1  # the retry wrote nothing more
+
+    restored = await postgres_handler.restore_node(compensation(request, retried))
+
+    assert restored.action == "restored"
+    now = (await postgres_handler.get_node(GetNodeRequest(node_id=node_id))).node
+    assert now is not None
+    assert now.status is NodeStatus.ACTIVE
+    assert without_row_version(now) == without_row_version(active)
+
+
+async def test_retried_deactivation_of_a_missing_node_stays_a_no_op(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """A missing node's "absent" pre-image is recorded too: a retry reports no row and
+    deactivated=False, even if the node was registered in between."""
+    node_id = uuid.uuid4()
+    request = deregister_request(node_id)
+    assert await postgres_handler.deactivate_node(request) == DeactivateNodeResult(
+        previous=None, deactivated=False
+    )
+    await postgres_handler.upsert_node(register_request(node_id))
+
+    retried = await postgres_handler.deactivate_node(request)
+
+    assert retried == DeactivateNodeResult(previous=None, deactivated=False)
+    assert (await postgres_handler.restore_node(compensation(request, retried))).action == (
+        "unchanged"
+    )
+
+
+async def test_a_different_correlation_id_is_a_new_operation(
+    postgres_handler: PostgresHandler, db: Any
+) -> None:
+    """Another correlation id names another operation: it records and reports the row as it is
+    then (the first operation's write), for upserts and deactivations alike."""
+    node_id = uuid.uuid4()
+    first = await postgres_handler.upsert_node(register_request(node_id))
+    second_request = register_request(node_id, port=7000)
+
+    second = await postgres_handler.upsert_node(second_request)
+
+    assert first.previous is None
+    assert second.previous == first.node
+    first_deactivation = await postgres_handler.deactivate_node(deregister_request(node_id))
+    assert first_deactivation.previous == second.node
+    assert first_deactivation.deactivated
+    inactive = (await postgres_handler.get_node(GetNodeRequest(node_id=node_id))).node
+    another = await postgres_handler.deactivate_node(deregister_request(node_id))
+    assert another == DeactivateNodeResult(previous=inactive, deactivated=False)
+    assert [operation for _, operation, _ in await preimage_rows(db, node_id)] == [
+        "upsert_node",
+        "upsert_node",
+        "deactivate_node",
+        "deactivate_node",
+    ]
+
+
+async def test_requests_without_a_correlation_id_record_no_pre_image(
+    postgres_handler: PostgresHandler, db: Any
+) -> None:
+    """Without a correlation id there is no operation to key a record on: nothing is recorded
+    and a repeat reports the row as it is now (the behaviour before pre-images)."""
+    request = register_request(correlation_id=None)
+    first = await postgres_handler.upsert_node(request)
+
+    again = await postgres_handler.upsert_node(request)
+
+    assert first.previous is None
+    assert again.previous == first.node
+    deregister = DeregisterNodeRequest(node_id=request.node_id, node_type="effect")
+    assert (await postgres_handler.deactivate_node(deregister)).deactivated
+    assert not (await postgres_handler.deactivate_node(deregister)).deactivated
+    assert await preimage_rows(db, request.node_id) == []
+
+
+async def test_cleanup_preimages_forgets_old_records(
+    postgres_handler: PostgresHandler, db: Any
+) -> None:
+    """Records older than the TTL are deleted and counted; recent ones stay. A retry whose record
+    was cleaned up reports the row as it is then."""
+    old, recent = register_request(), register_request()
+    await postgres_handler.upsert_node(old)
+    await postgres_handler.upsert_node(recent)
+    await db.execute(
+        "UPDATE onex_node_preimages SET created_at = now() - interval '2 hours' WHERE node_id = $1",
+        old.node_id,
+    )
+
+    assert await postgres_handler.cleanup_preimages(3600) == 1
+    assert await postgres_handler.cleanup_preimages(3600) == 0
+    assert len(await preimage_rows(db, recent.node_id)) == 1
+    assert await preimage_rows(db, old.node_id) == []
+    assert (await postgres_handler.upsert_node(recent)).previous is None
+    assert (await postgres_handler.upsert_node(old)).previous is not None
+    with pytest.raises(ValueError, match="ttl_seconds"):
+        await postgres_handler.cleanup_preimages(float("nan"))
 
 
 # -- restore_node -----------------------------------------------------------------------------
@@ -511,7 +713,8 @@ async def test_initialize_migrates_and_describe_shows_no_secret(
     handler = make_handler(settings)
     await handler.initialize(handler_config())
     try:
-        assert await db.fetchval("SELECT count(*) FROM onex_schema_migrations") == 1
+        migrations = [migration.name for migration in load_migrations()]
+        assert await db.fetchval("SELECT count(*) FROM onex_schema_migrations") == len(migrations)
         description = handler.describe()
         assert description.target == "postgresql-primary"
         assert description.transport is Transport.DATABASE
@@ -519,7 +722,8 @@ async def test_initialize_migrates_and_describe_shows_no_secret(
         assert description.details["pool_owner"] == "handler"
         assert description.details["pool_max_size"] == 10
         assert description.details["pool_size"] >= 2
-        assert description.details["migrations_applied"] == ["0001_registry"]
+        assert description.details["migrations_applied"] == migrations
+        assert migrations[:2] == ["0001_registry", "0002_preimages"]
         assert "not-checked-by-trust" not in description.model_dump_json()
         assert "not-checked-by-trust" not in repr(vars(handler))
     finally:
@@ -815,7 +1019,9 @@ async def test_stale_password_at_start_up_is_refreshed_once(
     try:
         assert secrets.refreshed == [PASSWORD_SECRET]
         assert server.pools_created_with == ["old", "new"]
-        assert await db.fetchval("SELECT count(*) FROM onex_schema_migrations") == 1
+        assert await db.fetchval("SELECT count(*) FROM onex_schema_migrations") == len(
+            load_migrations()
+        )
     finally:
         await handler.shutdown(10)
 

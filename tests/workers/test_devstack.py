@@ -18,10 +18,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
 
+from contracts.search_attributes import SEARCH_ATTRIBUTES
 from contracts.topics import CATALOG
 from tests.conftest import isolated_environment, isolated_settings
 from workers.devstack import (
-    SEARCH_ATTRIBUTES,
     BinaryNotFoundError,
     DevStack,
     PortInUseError,
