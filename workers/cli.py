@@ -22,7 +22,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from activities.resilience.sanitize import sanitize_exception
+from activities.resilience.errors import ConfigurationError, InfraError
+from activities.resilience.sanitize import sanitize_exception, sanitize_text
 from workers import operations_cli
 from workers.cli_support import (
     EPILOG,
@@ -360,8 +361,10 @@ def worker() -> None:
     settings = settings_or_exit()
     try:
         asyncio.run(_serve(settings))
-    except WorkerStartError as exc:
-        fail(ExitCode.UNAVAILABLE, str(exc))
+    except ConfigurationError as exc:  # also a refused handler contract
+        fail(ExitCode.BAD_INPUT, f"cannot start the worker: {sanitize_text(str(exc))}")
+    except (WorkerStartError, InfraError) as exc:  # a backend or the secret store is away
+        fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_text(str(exc))}")
     except RuntimeError as exc:  # e.g. the Temporal server cannot be reached
         fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_exception(exc)}")
 
@@ -370,7 +373,11 @@ async def _serve(settings: OnexSettings) -> None:
     from workers.host import build_host, install_signal_handlers
 
     host = await build_host(settings, workflows=_workflows())
-    report = await host.start()
+    try:
+        report = await host.start()
+    except BaseException:
+        await host.shutdown()  # close what the handlers that did start had opened
+        raise
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(

@@ -235,7 +235,7 @@ def retry_command(
         except WorkflowUpdateFailedError as refused:
             fail(ExitCode.BAD_INPUT, f"retry refused: {refused.cause}")
         except RPCError as error:
-            fail(ExitCode.BAD_INPUT, f"retry refused: {error.message}")
+            fail(ExitCode.UNAVAILABLE, f"cannot retry {workflow_id}: {error.message}")
 
     report(_with_client(settings, run), as_json=as_json)
 
@@ -258,6 +258,11 @@ def status_command(
             return await get_status(client, workflow_id)
         except OperationNotFound:
             fail(ExitCode.NOT_FOUND, f"no operation with workflow id {workflow_id!r}")
+        except RPCError as error:  # e.g. no worker is polling to answer the query
+            fail(
+                ExitCode.UNAVAILABLE,
+                f"cannot read the status of {workflow_id}: {error.message} (is a worker running?)",
+            )
 
     report(_with_client(settings, run), as_json=as_json)
 

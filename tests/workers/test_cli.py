@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
+from tests.support import free_port
 from workers.cli import app
 from workers.cli_support import ExitCode
 
@@ -109,3 +111,25 @@ def test_status_of_an_unknown_workflow_is_not_found_or_unavailable(
     )
     assert result.exit_code == ExitCode.UNAVAILABLE
     assert "127.0.0.1:1" in result.output
+
+
+def test_worker_with_vault_away_exits_6_without_a_traceback(
+    temporal_env: WorkflowEnvironment, cli_env: dict[str, str]
+) -> None:
+    """A worker whose secret store is unreachable says so and exits 6: no traceback, no
+    token, no Vault path."""
+    host, port = temporal_env.client.service_client.config.target_host.rsplit(":", 1)
+    env = {
+        **cli_env,
+        "ONEX_TEMPORAL__HOST": host,
+        "ONEX_TEMPORAL__PORT": port,
+        "ONEX_VAULT__ADDRESS": f"http://127.0.0.1:{free_port()}",
+        "ONEX_VAULT__TOKEN": "hvs.worker-token-51a8",
+        "ONEX_SECRETS__SOURCES": '{"database.postgres.password": "vault:team/db#password"}',
+    }
+    result = runner.invoke(app, ["worker"], env=env)
+    assert result.exit_code == ExitCode.UNAVAILABLE, result.output
+    assert "cannot start the worker" in result.output
+    assert "Traceback" not in result.output
+    assert "worker-token" not in result.output
+    assert "team/db" not in result.output
