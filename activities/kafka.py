@@ -99,8 +99,8 @@ async def client_options(kafka: KafkaSettings, secrets: SecretSource | None) -> 
     }
     if kafka.sasl_username:
         password: Any = None
-        if secrets is not None:
-            password = await secrets.get_secret(SASL_PASSWORD_SECRET)
+        if secrets is not None:  # the store when it knows the name, else the settings
+            password = await secrets.get_secret(SASL_PASSWORD_SECRET, required=False)
         if password is None:
             password = kafka.sasl_password
         if isinstance(password, SecretStr):

@@ -46,10 +46,17 @@ A relay that publishes a row and then fails to commit (the database went away) l
 unpublished, so it is published again later: delivery is at least once, and consumers dedupe on
 ``event_id`` (:class:`~activities.kafka.DedupingConsumer`).
 
-Wake-ups: :meth:`OutboxRelay.run` holds one pooled connection for its whole life and LISTENs on
-channel ``onex_outbox`` (a statement-level trigger NOTIFYs on every insert). A notification, or
+Wake-ups: :meth:`OutboxRelay.run` LISTENs on channel ``onex_outbox`` (a statement-level trigger
+NOTIFYs on every insert) on a connection of its own, opened with ``listen_connect`` (the worker
+passes one built from the PostgreSQL settings), outside the pool: a rebuilt pool never waits for
+it. Without ``listen_connect`` it holds one pooled connection instead. A notification, or
 ``poll_interval`` without one (the fallback for missed notifications, e.g. across a reconnect),
-starts the next drain. If that connection is lost it is replaced on the next turn.
+starts the next drain. When that connection is lost (the server restarted, the backend was
+terminated) the relay wakes up, LISTENs on a new one and drains; if that fails it logs and tries
+again on the next turn. Nothing about the LISTEN connection ends :meth:`OutboxRelay.run`.
+
+Rows are written by :func:`enqueue` (the PostgreSQL handler uses it too), with the envelope's
+headers: ``correlation_id``, ``event_id`` and ``event_type``.
 """
 
 from __future__ import annotations
@@ -61,12 +68,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import asyncpg
 import structlog
 
 from activities.kafka import envelope_headers
+from activities.migrate import TARGET
 from activities.resilience.breaker import CircuitOpenError
 from activities.resilience.classify import classify
-from activities.resilience.errors import InfraError
+from activities.resilience.errors import ConfigurationError, InfraError
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import ErrorContext, Transport
 from contracts.events import EventEnvelope
@@ -75,6 +84,7 @@ __all__ = ["CHANNEL", "DrainResult", "OutboxRelay", "Publisher", "enqueue"]
 
 CHANNEL = "onex_outbox"
 LAST_ERROR_LENGTH = 300
+CLOSE_TIMEOUT = 5.0  # seconds to close the LISTEN connection gracefully, else it is terminated
 
 logger = structlog.get_logger("onex.outbox")
 
@@ -100,19 +110,39 @@ RETURNING id
 """
 
 
-async def enqueue(connection: Any, envelope: EventEnvelope) -> int | None:
+async def enqueue(
+    connection: Any, envelope: EventEnvelope, *, operation: str = "enqueue_event"
+) -> int | None:
     """Insert ``envelope`` into the outbox on ``connection`` (inside the caller's transaction).
 
-    The row holds the catalog topic (without prefix), the message key, the envelope's JSON and
-    its headers as a JSON array of ``[name, text]`` pairs. Returns the row id, or None when an
-    event with the same ``event_id`` is already there (a retried activity enqueues it once).
+    The one way rows get into the outbox. The row holds the catalog topic (without prefix), the
+    message key, the envelope's JSON and its Kafka headers (correlation id, event id, event
+    type: :func:`~activities.kafka.envelope_headers`) as a JSON array of ``[name, text]``
+    pairs. Returns the row id, or None when an event with the same ``event_id`` is already
+    there (a retried activity enqueues it once).
+
+    Raises :class:`~activities.resilience.errors.ConfigurationError` (naming ``operation``)
+    when the event type is not a catalog topic or the payload lacks the topic's key field.
     """
+    try:
+        key = envelope.key()
+    except (KeyError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot enqueue event {envelope.event_id}: {envelope.event_type!r} is not a "
+            "catalog topic, or its payload lacks the topic's key field",
+            context=ErrorContext(
+                transport=Transport.DATABASE,
+                operation=operation,
+                target=TARGET,
+                correlation_id=envelope.correlation_id,
+            ),
+        ) from exc
     headers = [[name, value.decode()] for name, value in envelope_headers(envelope)]
     row_id: int | None = await connection.fetchval(
         _INSERT,
         envelope.event_id,
         envelope.event_type,
-        envelope.key(),
+        key,
         envelope.model_dump_json(),
         json.dumps(headers),
         envelope.correlation_id,
@@ -172,27 +202,10 @@ class DrainResult:
 
 
 def _headers(row: Any) -> list[tuple[str, bytes]]:
-    """The row's stored headers, completed with ``event_id`` and ``event_type`` when missing.
-
-    Stored as ``[[name, text], ...]`` (also read: ``[{"key": name, "value": text}, ...]`` and a
-    ``{name: text}`` map), so every event carries the same headers whoever enqueued it.
-    """
+    """The row's stored headers, as :func:`enqueue` wrote them (``[[name, text], ...]``)."""
     raw = row["headers"]
-    data: Any = json.loads(raw) if raw else []
-    items = data.items() if isinstance(data, dict) else data
-    headers: list[tuple[str, bytes]] = []
-    for item in items:
-        if isinstance(item, dict):
-            name, value = item["key"], item["value"]
-        else:
-            name, value = item
-        headers.append((str(name), value.encode() if isinstance(value, str) else bytes(value)))
-    names = {name for name, _ in headers}
-    if "event_id" not in names:
-        headers.append(("event_id", str(row["event_id"]).encode()))
-    if "event_type" not in names:
-        headers.append(("event_type", row["topic"].encode()))
-    return headers
+    pairs: list[list[str]] = json.loads(raw) if raw else []
+    return [(name, value.encode()) for name, value in pairs]
 
 
 def _reason(error: InfraError, exc: BaseException) -> str:
@@ -209,9 +222,12 @@ class OutboxRelay:
     """Publishes outbox rows through ``publisher``; see the module docstring for the rules.
 
     ``pool`` is an asyncpg pool, or an async callable returning the current one (the worker
-    passes the PostgreSQL handler's, which is rebuilt after a credential refresh); :meth:`run`
-    holds one of its connections for LISTEN while it runs, and each batch of :meth:`drain`
-    uses one more for its transaction.
+    passes the PostgreSQL handler's, which is rebuilt after a credential refresh); each batch
+    of :meth:`drain` uses one of its connections for its transaction.
+
+    ``listen_connect`` opens the connection :meth:`run` LISTENs on (``asyncpg.connect`` with
+    the database's parameters); the relay owns it and closes it. Without it :meth:`run` holds
+    one of the pool's connections for LISTEN instead (fine for a pool nobody rebuilds).
     """
 
     def __init__(
@@ -219,6 +235,7 @@ class OutboxRelay:
         pool: Any | Callable[[], Awaitable[Any]],
         publisher: Publisher,
         *,
+        listen_connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         batch_size: int = 100,
         poll_interval: float = 1.0,
         max_attempts: int = 3,
@@ -226,7 +243,8 @@ class OutboxRelay:
         if batch_size < 1 or max_attempts < 1 or poll_interval <= 0:
             raise ValueError("batch_size and max_attempts must be >= 1, poll_interval > 0")
         self.pool = pool
-        self._listen_pool: Any = None
+        self.listen_connect = listen_connect
+        self._listen_pool: Any = None  # the pool the LISTEN connection came from, if any
         self.publisher = publisher
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -339,12 +357,18 @@ class OutboxRelay:
     # -- running -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Drain on every NOTIFY on ``onex_outbox``, or every ``poll_interval``, until ``stop``."""
+        """Drain on every NOTIFY on ``onex_outbox``, or every ``poll_interval``, until ``stop``.
+
+        Survives its LISTEN connection: a lost one is replaced on the next turn (the loss
+        itself wakes the relay), a failure to LISTEN is logged and tried again on the next turn.
+        """
         listener: Any = None
         try:
             while not stop.is_set():
-                if listener is None or listener.is_closed():
-                    listener = await self._relisten(listener)
+                if not _is_open(listener):
+                    if listener is not None:
+                        await self._unlisten(listener)
+                    listener = await self._listen()
                 self._wake.clear()  # a NOTIFY arriving during the drain wakes the next one
                 try:
                     await self.drain()
@@ -363,29 +387,46 @@ class OutboxRelay:
     def _notified(self, *_args: object) -> None:
         self._wake.set()
 
-    async def _relisten(self, previous: Any) -> Any:
-        if previous is not None:
-            await self._unlisten(previous)
+    def _connection_lost(self, *_args: object) -> None:
+        """A termination listener: wake up, so that the next turn LISTENs on a new connection."""
+        self._wake.set()
+
+    async def _listen(self) -> Any:
+        """A connection LISTENing on :data:`CHANNEL`, or None (logged) if that failed now."""
+        connection: Any = None
         try:
-            self._listen_pool = await self._current_pool()
-            connection = await self._listen_pool.acquire()
-        except Exception as exc:
-            logger.warning("outbox_listen_failed", error=sanitize_exception(exc))
-            return None
-        try:
+            if self.listen_connect is not None:
+                self._listen_pool = None
+                connection = await self.listen_connect()
+            else:
+                self._listen_pool = await self._current_pool()
+                connection = await self._listen_pool.acquire()
+            connection.add_termination_listener(self._connection_lost)
             await connection.add_listener(CHANNEL, self._notified)
         except Exception as exc:
             logger.warning("outbox_listen_failed", error=sanitize_exception(exc))
-            await self._listen_pool.release(connection)
+            if connection is not None:
+                await self._unlisten(connection)
             return None
         return connection
 
     async def _unlisten(self, connection: Any) -> None:
+        """Stop listening and give the connection back (pool) or close it (own); never raises."""
         try:
-            if not connection.is_closed():
+            if _is_open(connection):
+                connection.remove_termination_listener(self._connection_lost)
                 await connection.remove_listener(CHANNEL, self._notified)
-        finally:
-            await self._listen_pool.release(connection)
+        except Exception as exc:
+            logger.warning("outbox_unlisten_failed", error=sanitize_exception(exc))
+        try:
+            if self._listen_pool is not None:
+                await self._listen_pool.release(connection)
+            elif not connection.is_closed():
+                await connection.close(timeout=CLOSE_TIMEOUT)
+        except Exception as exc:
+            logger.warning("outbox_unlisten_failed", error=sanitize_exception(exc))
+            if self._listen_pool is None:
+                _terminate(connection)
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         """Until a notification, ``stop``, or ``poll_interval`` (the poll fallback)."""
@@ -398,3 +439,20 @@ class OutboxRelay:
             for waiter in waits:
                 waiter.cancel()
             await asyncio.gather(*waits, return_exceptions=True)
+
+
+def _is_open(connection: Any) -> bool:
+    """Whether ``connection`` can still be used; a pooled one may have been detached already."""
+    if connection is None:
+        return False
+    try:
+        return not connection.is_closed()
+    except Exception:  # InterfaceError: a pool connection released after its backend died
+        return False
+
+
+def _terminate(connection: Any) -> None:
+    try:
+        connection.terminate()
+    except Exception as exc:
+        logger.warning("outbox_unlisten_failed", error=sanitize_exception(exc))

@@ -74,7 +74,8 @@ from activities.base import (
     SecretSource,
 )
 from activities.migrate import TARGET, migrate
-from activities.resilience.correlation import KAFKA_HEADER, current_correlation_id
+from activities.outbox import enqueue
+from activities.resilience.correlation import current_correlation_id
 from activities.resilience.errors import ConfigurationError
 from activities.resilience.sanitize import register_secret
 from contracts.errors import ErrorContext, Transport
@@ -184,13 +185,6 @@ SET status = 'inactive',
     correlation_id = COALESCE($2, correlation_id),
     updated_at = now()
 WHERE node_id = $1
-"""
-
-_INSERT_EVENT = """
-INSERT INTO onex_outbox (event_id, topic, message_key, envelope, headers, correlation_id)
-VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING id
 """
 
 _RECORD_PROCESSED = """
@@ -630,28 +624,7 @@ async def _deactivate(connection: Any, request: DeregisterNodeRequest) -> Deacti
 async def _insert_event(
     connection: Any, envelope: EventEnvelope, *, operation: str
 ) -> EnqueueEventResult:
-    try:
-        key = envelope.key()
-    except (KeyError, ValueError) as exc:
-        raise ConfigurationError(
-            f"cannot enqueue event {envelope.event_id}: {envelope.event_type!r} is not a "
-            "catalog topic, or its payload lacks the topic's key field",
-            context=ErrorContext(
-                transport=Transport.DATABASE,
-                operation=operation,
-                target=TARGET,
-                correlation_id=envelope.correlation_id,
-            ),
-        ) from exc
-    row_id = await connection.fetchval(
-        _INSERT_EVENT,
-        envelope.event_id,
-        envelope.event_type,
-        key,
-        json.dumps(envelope.model_dump(mode="json")),
-        json.dumps([[KAFKA_HEADER, str(envelope.correlation_id)]]),
-        envelope.correlation_id,
-    )
+    row_id = await enqueue(connection, envelope, operation=operation)
     return EnqueueEventResult(event_id=envelope.event_id, enqueued=row_id is not None)
 
 

@@ -3,7 +3,8 @@
 settings → logging → secret resolver → breakers → handlers from contracts (each initialized,
 which connects its clients) → one activity per (handler, operation) named
 ``<handler>.<operation>`` behind the activity boundary → the Temporal worker (pydantic data
-converter, correlation interceptor) → background services (the outbox relay).
+converter, correlation interceptor) → background services (the outbox relay), each supervised:
+one that fails or returns early is logged and restarted, after 1 s doubling up to 30 s.
 
 On SIGTERM or SIGINT the worker stops polling, lets in-flight activities finish within the
 graceful shutdown timeout (30 s by default), then shuts the handlers down, closing their clients.
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import structlog
+from pydantic import SecretStr
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import Runtime
@@ -30,13 +33,20 @@ from activities.base import HandlerBase, HandlerConfig, HandlerResources, Secret
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, MetricsListener, log_state_change
 from activities.resilience.errors import HandlerLoadError
-from activities.resilience.sanitize import sanitize_exception
+from activities.resilience.sanitize import register_secret, sanitize_exception
 from contracts.errors import Transport
 from contracts.registry import SkippedResult
 from workers.loader import LoadedHandler, load_handlers
 from workers.settings import OnexSettings
 
 logger = structlog.get_logger("onex.worker")
+
+RESTART_DELAY = 1.0
+"""Seconds before a failed background service is restarted the first time (then doubled)."""
+RESTART_DELAY_MAX = 30.0
+"""The longest wait between two restarts of a background service."""
+
+BackgroundService = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class WorkerStartError(RuntimeError):
@@ -104,10 +114,15 @@ class WorkerHost:
         self.report = StartupReport()
         self.worker: Worker | None = None
         self._background: list[asyncio.Task[None]] = []
-        self.background_services: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
+        self.background_services: list[BackgroundService] = []
         self.relay: Any = None
         self.closers: list[Callable[[], object]] = []
         self._stop_background = asyncio.Event()
+        # A background service that fails or returns early is restarted after this delay,
+        # doubled after each restart up to the maximum (reset once a run lasted that long).
+        self.restart_delay = RESTART_DELAY
+        self.restart_delay_max = RESTART_DELAY_MAX
+        self.restarts: dict[str, int] = {}
 
     async def start(self) -> StartupReport:
         """Load and initialize the handlers and build the Temporal worker (not yet polling)."""
@@ -179,7 +194,7 @@ class WorkerHost:
         """With PostgreSQL and Kafka both served here, relay the outbox to Kafka."""
         from activities.kafka import KafkaHandler
         from activities.outbox import OutboxRelay
-        from activities.postgres import PostgresHandler
+        from activities.postgres import POOL_CLIENT, POOL_FACTORY_CLIENT, PostgresHandler
 
         postgres = next(
             (h.instance for h in self.handlers if isinstance(h.instance, PostgresHandler)), None
@@ -189,10 +204,70 @@ class WorkerHost:
         )
         if postgres is None or kafka is None:
             return
-        relay = OutboxRelay(postgres.current_pool, kafka.publisher)
+        clients = self.resources.clients
+        own_pool = POOL_CLIENT not in clients and POOL_FACTORY_CLIENT not in clients
+        # LISTEN on a connection of its own, outside the pool, unless the pool is injected (then
+        # the settings need not describe where it connects, and the relay holds a pooled one).
+        relay = OutboxRelay(
+            postgres.current_pool,
+            kafka.publisher,
+            listen_connect=self._connect_postgres if own_pool else None,
+        )
         self.relay = relay
         self.background_services.append(relay.run)
         self.report.services.append("outbox relay (postgres -> kafka)")
+
+    async def _connect_postgres(self) -> asyncpg.Connection:
+        """A connection outside the pool, with the PostgreSQL handler's parameters and password.
+
+        A refused password is refreshed from the secret store and tried once more, as the
+        handler does for its pool.
+        """
+        from activities.postgres import APPLICATION_NAME
+
+        settings = self.settings.postgres
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(
+                host=settings.host,
+                port=settings.port,
+                user=settings.user,
+                database=settings.database,
+                password=await self._postgres_password(),
+                timeout=settings.connect_timeout,
+                command_timeout=settings.query_timeout,
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+
+        try:
+            return await connect()
+        except (
+            asyncpg.exceptions.InvalidPasswordError,
+            asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+        ):
+            if self.resources.secrets is None:
+                raise
+            from activities.postgres import PASSWORD_SECRET
+
+            await self.resources.secrets.refresh(PASSWORD_SECRET)
+        return await connect()
+
+    async def _postgres_password(self) -> str | None:
+        """As the PostgreSQL handler resolves it: the secret store if it knows the name, else
+        the settings."""
+        from activities.postgres import PASSWORD_SECRET
+
+        secrets = self.resources.secrets
+        value: Any = None
+        if secrets is not None:
+            value = await secrets.get_secret(PASSWORD_SECRET, required=False)
+        if value is None:
+            value = self.settings.postgres.password
+        if value is None:
+            return None
+        password = value if isinstance(value, SecretStr) else SecretStr(str(value))
+        register_secret(password)  # scrubbed from any message that would quote it
+        return password.get_secret_value()
 
     def _activities_of(self, hosted: HostedHandler) -> dict[str, Callable[..., Any]]:
         contract = hosted.loaded.contract
@@ -222,7 +297,7 @@ class WorkerHost:
         if worker is None:
             raise WorkerStartError("the worker was not built")
         for service in self.background_services:
-            self._background.append(asyncio.create_task(service(self._stop_background)))
+            self._background.append(asyncio.create_task(self._supervise(service)))
         try:
             async with worker:
                 logger.info(
@@ -238,12 +313,58 @@ class WorkerHost:
         finally:
             await self.shutdown()
 
+    async def _supervise(self, service: BackgroundService) -> None:
+        """Run ``service`` until the worker stops, restarting it whenever it fails or returns.
+
+        A failure is logged (sanitized) and so is an early return; the restart waits
+        ``restart_delay`` seconds, doubled after each restart up to ``restart_delay_max``, and
+        back to ``restart_delay`` after a run that lasted at least ``restart_delay_max``.
+        """
+        stop = self._stop_background
+        name = getattr(service, "__qualname__", None) or type(service).__name__
+        loop = asyncio.get_running_loop()
+        delay = self.restart_delay
+        while not stop.is_set():
+            started = loop.time()
+            failure: Exception | None = None
+            try:
+                await service(stop)
+            except Exception as exc:
+                failure = exc
+            if stop.is_set():
+                if failure is not None:
+                    logger.warning(
+                        "background_service_failed_on_stop",
+                        service=name,
+                        error=sanitize_exception(failure),
+                    )
+                return
+            if loop.time() - started >= self.restart_delay_max:
+                delay = self.restart_delay  # it ran well for a while: a fresh failure
+            if failure is not None:
+                logger.error(
+                    "background_service_failed",
+                    service=name,
+                    error=sanitize_exception(failure),
+                    restart_in=delay,
+                )
+            else:
+                logger.error("background_service_returned", service=name, restart_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            logger.info("background_service_restarted", service=name, restarts=self.restarts[name])
+            delay = min(delay * 2, self.restart_delay_max)
+
     async def shutdown(self) -> None:
         """Stop background services, then every handler (each within the drain timeout)."""
         self._stop_background.set()
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, self.settings.worker.graceful_shutdown_timeout)
+        self._background.clear()
         timeout = self.settings.worker.graceful_shutdown_timeout
         for hosted in reversed(self.handlers):
             try:

@@ -17,6 +17,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaConnectionError, NodeNotReadyError
+from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 
 from activities.base import HandlerConfig, HandlerResources
@@ -30,6 +31,7 @@ from activities.kafka import (
 from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState, CircuitOpenError
+from activities.vault import SecretResolver
 from contracts.errors import Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import default_policy
@@ -37,7 +39,7 @@ from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered,
 from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import free_port, wait_until
 from workers.devstack import create_topics
-from workers.settings import KafkaSettings, OnexSettings
+from workers.settings import KafkaSettings, OnexSettings, SecretsSettings
 
 
 def unreachable(settings: OnexSettings) -> OnexSettings:
@@ -344,6 +346,24 @@ async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings
     assert options["sasl_mechanism"] == "PLAIN"
     assert options["sasl_plain_password"] == "s3cr3t-from-vault"
     assert options["sasl_plain_username"] == "onex"
+
+
+async def test_sasl_password_falls_back_to_settings_when_the_store_lacks_it(
+    backends: OnexSettings,
+) -> None:
+    """A secret resolver with no source for ``kafka.sasl.password`` (as in a worker whose
+    secrets live in settings) is asked without ``required``: the settings' password is used,
+    no SecretResolutionError."""
+    resolver = SecretResolver(SecretsSettings(env_fallback=False))
+    kafka = with_kafka(
+        backends, sasl_username="onex", sasl_password=SecretStr("from-settings-pw")
+    ).kafka
+
+    options = await client_options(kafka, resolver)
+
+    assert options["sasl_plain_username"] == "onex"
+    assert options["sasl_plain_password"] == "from-settings-pw"
+    assert resolver.stats().misses == 1
 
 
 # -- error classes through a fault proxy: timeout, not found, breaker recovery ----------------

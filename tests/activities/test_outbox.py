@@ -7,10 +7,12 @@ schema comes from ``activities.migrate`` (the ``pool`` fixture in this folder's 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import (
@@ -24,6 +26,7 @@ from activities.kafka import DedupingConsumer, EventPublisher
 from activities.outbox import OutboxRelay, enqueue
 from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.breaker import BreakerRegistry, BreakerState
+from activities.resilience.errors import ConfigurationError
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import BreakerSettings
 from contracts.topics import TOPICS_BY_NAME
@@ -96,6 +99,30 @@ class FailingPublisher:
     ) -> Any:
         self.calls += 1
         raise self.error
+
+
+async def test_enqueue_writes_every_header_and_refuses_a_keyless_event(pool: Any) -> None:
+    """enqueue is the one writer of outbox rows (the postgres handler calls it too): the row
+    carries all three Kafka headers, a repeat is a no-op, and an event whose payload lacks the
+    topic's key is refused with a ConfigurationError naming the caller's operation."""
+    envelope = registered()
+    async with pool.acquire() as connection:
+        row_id = await enqueue(connection, envelope)
+        assert row_id is not None
+        assert await enqueue(connection, envelope) is None
+        keyless = new_envelope(REGISTERED, {"service_name": "x"}, correlation_id=uuid.uuid4())
+        with pytest.raises(ConfigurationError) as refused:
+            await enqueue(connection, keyless, operation="upsert_node_and_enqueue")
+
+    assert refused.value.context.operation == "upsert_node_and_enqueue"
+    assert isinstance(refused.value.__cause__, ValueError)
+    row = await pool.fetchrow("SELECT id, headers::text AS headers FROM onex_outbox")
+    assert row["id"] == row_id
+    assert json.loads(row["headers"]) == [
+        ["correlation_id", str(envelope.correlation_id)],
+        ["event_id", str(envelope.event_id)],
+        ["event_type", REGISTERED],
+    ]
 
 
 async def test_drain_publishes_every_row_and_marks_it(
@@ -277,6 +304,72 @@ async def test_notify_wakes_the_running_relay(
         await asyncio.wait_for(task, timeout=10)
 
     assert relay.drains == 2
+    [record] = await topic_contents(settings.kafka, REGISTERED, 1)
+    assert EventEnvelope.model_validate_json(record.value).event_id == envelope.event_id
+
+
+_LISTENING_BACKEND = """
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()
+"""
+
+
+@pytest.mark.parametrize("dedicated", [True, False], ids=["dedicated", "pooled"])
+async def test_relay_survives_its_listen_connection_being_terminated(
+    settings: OnexSettings, publisher: EventPublisher, pool: Any, pg_dsn: str, dedicated: bool
+) -> None:
+    """The relay's LISTEN backend is killed (``pg_terminate_backend``): run() keeps going, LISTENs
+    again on a new connection (its own via ``listen_connect``, else one from the pool), and a row
+    inserted afterwards is published on its NOTIFY (the 30 s poll cannot be what published it).
+    On stop, every connection the relay opened for LISTEN is closed."""
+    opened: list[Any] = []
+
+    async def listen_connect() -> Any:
+        connection = await asyncpg.connect(pg_dsn)
+        opened.append(connection)
+        return connection
+
+    options: dict[str, Any] = {"listen_connect": listen_connect} if dedicated else {}
+    relay = OutboxRelay(pool, publisher, poll_interval=30.0, **options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    pids: list[int] = []
+
+    async def listening() -> bool:
+        if task.done():
+            task.result()  # raises what ended run()
+        pid = await pool.fetchval(_LISTENING_BACKEND)
+        if pid is None or pid in pids or relay.drains < len(pids) + 1:
+            return False
+        pids.append(pid)
+        return True
+
+    try:
+        await wait_until(listening, within=10, what="the relay listening")
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", pids[0])
+        await wait_until(listening, within=10, what="the relay listening again")
+        envelope = registered()
+        await enqueue_all(pool, [envelope])
+
+        async def published() -> bool:
+            if task.done():
+                task.result()
+            return bool(
+                await pool.fetchval(
+                    "SELECT published_at IS NOT NULL FROM onex_outbox WHERE event_id = $1",
+                    envelope.event_id,
+                )
+            )
+
+        await wait_until(published, within=10, what="the row published after the reconnect")
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+    if dedicated:
+        assert [connection.get_server_pid() for connection in opened] == pids
+        assert all(connection.is_closed() for connection in opened)
     [record] = await topic_contents(settings.kafka, REGISTERED, 1)
     assert EventEnvelope.model_validate_json(record.value).event_id == envelope.event_id
 

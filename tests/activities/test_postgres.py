@@ -612,7 +612,11 @@ async def test_enqueue_event_once_per_event_id(postgres_handler: PostgresHandler
     assert row["topic"] == REGISTERED
     assert row["message_key"] == str(node_id).encode()
     assert json.loads(row["envelope"]) == envelope.model_dump(mode="json")
-    assert json.loads(row["headers"]) == [["correlation_id", str(envelope.correlation_id)]]
+    assert json.loads(row["headers"]) == [
+        ["correlation_id", str(envelope.correlation_id)],
+        ["event_id", str(envelope.event_id)],
+        ["event_type", envelope.event_type],
+    ]
     assert row["correlation_id"] == envelope.correlation_id
     assert row["published_at"] is None
 

@@ -11,15 +11,25 @@ import sys
 import uuid
 from pathlib import Path
 
+import asyncpg
 import pytest
+import structlog
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.postgres import APPLICATION_NAME
+from activities.vault import SecretResolver
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
 from tests.support import wait_until
 from workers.host import WorkerHost, WorkerStartError
-from workers.settings import OnexSettings, WorkerSettings
+from workers.settings import (
+    KafkaSettings,
+    OnexSettings,
+    PostgresSettings,
+    SecretsSettings,
+    WorkerSettings,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = ["activities.", "tests.plugins."]
@@ -102,6 +112,131 @@ async def test_host_serves_handlers_and_reports_disabled_and_refused(
         "skipped": True,
         "reason": "no Consul address is configured (ONEX_CONSUL__ADDRESS)",
     }
+
+
+class FlakyService:
+    """A background service that raises, then returns at once, then runs until stopped."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.running = False
+        self.stopped_cleanly = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("lost postgresql://onex:hunter2@db.internal:5432/onex")
+        if self.calls == 2:
+            return  # ended while the worker still runs: also a failure
+        self.running = True
+        await stop.wait()
+        self.running = False
+        self.stopped_cleanly = True
+
+
+async def test_failed_background_service_is_restarted_and_the_host_keeps_serving(
+    temporal_env: WorkflowEnvironment, contracts_dir: Path, task_queue: str
+) -> None:
+    """A background service that raises, then returns early, is logged (sanitized) and
+    restarted each time after the backoff; the third run lasts, activities are served all along,
+    and the service is stopped, not restarted, when the worker stops."""
+    host = WorkerHost(
+        settings_for(contracts_dir, task_queue),
+        temporal_env.client,
+        workflows=[RunActivityWorkflow],
+    )
+    host.restart_delay = 0.01  # the production backoff is 1 s doubling to 30 s
+    service = FlakyService()
+    host.background_services.append(service.run)
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        serving = asyncio.create_task(host.run(stop))
+        try:
+
+            async def restarted_and_running() -> bool:
+                if serving.done():
+                    serving.result()
+                return service.running
+
+            await wait_until(restarted_and_running, within=10, what="the service's third run")
+            echoed = await temporal_env.client.execute_workflow(
+                RunActivityWorkflow.run,
+                RunActivity(activity="echo.echo", argument={"text": "still"}),
+                id=f"host-{uuid.uuid4()}",
+                task_queue=task_queue,
+            )
+        finally:
+            stop.set()
+            await serving
+
+    assert echoed == {"text": "STILL"}
+    assert service.calls == 3
+    assert host.restarts == {"FlakyService.run": 2}
+    assert service.stopped_cleanly
+    events = [(entry["event"], entry.get("restart_in")) for entry in logs]
+    assert ("background_service_failed", 0.01) in events
+    assert ("background_service_returned", 0.02) in events
+    [failure] = [entry for entry in logs if entry["event"] == "background_service_failed"]
+    assert failure["error"].startswith("RuntimeError")
+    assert "hunter2" not in str(logs)
+
+
+_LISTENING_BACKEND = """
+SELECT pid FROM pg_stat_activity
+WHERE datname = current_database() AND query LIKE 'LISTEN%' AND application_name = $1
+"""
+
+
+async def test_outbox_relay_listens_outside_the_pool(
+    temporal_env: WorkflowEnvironment,
+    backends: OnexSettings,
+    pg_dsn: str,
+    topic_prefix: str,
+    task_queue: str,
+) -> None:
+    """The worker's relay LISTENs on a connection of its own, opened with the PostgreSQL
+    settings (the secret store, which has no source for the password, falls back to them):
+    every pooled connection goes back idle, so a pool rebuilt after a credential refresh never
+    waits for the relay. On stop that connection is closed."""
+    settings = OnexSettings(
+        postgres=PostgresSettings(
+            host=backends.postgres.host,
+            port=backends.postgres.port,
+            user=backends.postgres.user,
+            database=pg_dsn.rsplit("/", 1)[1],
+        ),
+        kafka=KafkaSettings(
+            bootstrap_servers=backends.kafka.bootstrap_servers, topic_prefix=topic_prefix
+        ),
+        worker=WorkerSettings(task_queue=task_queue),
+    )
+    secrets = SecretResolver(SecretsSettings(env_fallback=False))
+    host = WorkerHost(settings, temporal_env.client, secrets=secrets)
+    report = await host.start()
+    assert "outbox relay (postgres -> kafka)" in report.services
+    assert host.relay.listen_connect is not None
+    pool = await host.relay.pool()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(host.run(stop))
+    try:
+
+        async def listening_outside_the_pool() -> bool:
+            if serving.done():
+                serving.result()
+            listening = await pool.fetchval(_LISTENING_BACKEND, APPLICATION_NAME)
+            return listening is not None and pool.get_idle_size() == pool.get_size()
+
+        await wait_until(
+            listening_outside_the_pool, within=10, what="a LISTEN backend and an idle pool"
+        )
+    finally:
+        stop.set()
+        await serving
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        assert await connection.fetchval(_LISTENING_BACKEND, APPLICATION_NAME) is None
+    finally:
+        await connection.close()
 
 
 async def test_nothing_to_serve_is_an_error(
