@@ -1,8 +1,11 @@
 """The outbox relay: carries committed ``onex_outbox`` rows to Kafka, at least once (SPEC §5).
 
-A business write and its outbox row commit in one transaction (see :func:`enqueue`); the relay,
-running inside the worker process (not as an activity), publishes the rows afterwards. Kafka
-being down never blocks a registration: its events wait in the outbox.
+:func:`enqueue` writes on the caller's connection, so a business write and its event can commit
+in one transaction (``PostgresHandler.upsert_node_and_enqueue``). The operation workflow queues
+its outcome events in an activity of their own, after the steps, since an outcome (registered,
+or failed) is known only once every backend has answered. The relay, running inside the worker
+process (not as an activity), publishes the rows afterwards. Kafka being down never blocks an
+operation: its events wait in the outbox.
 
 How a drain works (:meth:`OutboxRelay.drain`), one pass over the outbox:
 

@@ -301,16 +301,22 @@ def db_migrate() -> None:
     Example: onex db migrate
     """
     from activities.migrate import migrate_dsn
+    from activities.vault import build_secret_resolver
 
     settings = settings_or_exit()
-    password = settings.postgres.password
-    try:
-        applied = asyncio.run(
-            migrate_dsn(
-                settings.postgres.dsn,
-                password=password.get_secret_value() if password else None,
-            )
+
+    async def run() -> list[str]:
+        # The same password the worker would use: the secret store first, then the settings.
+        resolver, _ = await build_secret_resolver(settings)
+        password = await resolver.get_secret("database.postgres.password", required=False)
+        password = password or settings.postgres.password
+        return await migrate_dsn(
+            settings.postgres.dsn,
+            password=password.get_secret_value() if password else None,
         )
+
+    try:
+        applied = asyncio.run(run())
     except Exception as exc:
         fail(ExitCode.UNAVAILABLE, f"migration failed: {sanitize_exception(exc)}")
     console.print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
@@ -334,13 +340,25 @@ def kafka_create_topics() -> None:
 
     Example: ONEX_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 onex kafka create-topics
     """
+    from activities.kafka import client_options
+    from activities.vault import build_secret_resolver
     from workers.devstack import create_topics
 
     settings = settings_or_exit()
-    try:
-        names = asyncio.run(
-            create_topics(settings.kafka.bootstrap_servers, prefix=settings.kafka.topic_prefix)
+
+    async def create() -> list[str]:
+        resolver, _ = await build_secret_resolver(settings)
+        options = await client_options(settings.kafka, resolver)
+        options.pop("bootstrap_servers", None)
+        return await create_topics(
+            settings.kafka.bootstrap_servers,
+            prefix=settings.kafka.topic_prefix,
+            replication_factor=settings.kafka.replication_factor,
+            client_options=options,
         )
+
+    try:
+        names = asyncio.run(create())
     except Exception as exc:
         fail(ExitCode.UNAVAILABLE, f"cannot create the topics: {sanitize_exception(exc)}")
     console.print(f"{len(names)} topics present", markup=False)
@@ -408,14 +426,14 @@ def demo() -> None:
 
     Example: onex demo
     """
-    from workers.demo import run_demo
+    from workers.demo import DemoEventsMissing, run_demo
     from workers.logging import configure_logging
 
     settings = settings_or_exit()
     configure_logging("warning")  # the demo's own output tells the story
     try:
         rows = asyncio.run(run_demo(settings, console))
-    except StackError as exc:
+    except (StackError, DemoEventsMissing) as exc:
         fail(ExitCode.UNAVAILABLE, str(exc))
     except WorkerStartError as exc:
         fail(ExitCode.UNAVAILABLE, str(exc))

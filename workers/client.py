@@ -26,6 +26,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import ApplicationError
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.resilience.correlation import ensure_correlation_id
@@ -39,7 +40,7 @@ from workers.settings import OnexSettings
 from workflows.operation import OperationWorkflow
 
 
-async def connect(settings: OnexSettings) -> Client:
+async def connect(settings: OnexSettings, *, runtime: Runtime | None = None) -> Client:
     """A Temporal client with the project's data converter and correlation interceptor.
 
     Workers built from this client inherit the interceptor, so correlation ids flow from the
@@ -54,6 +55,7 @@ async def connect(settings: OnexSettings) -> Client:
         interceptors=[CorrelationInterceptor()],
         api_key=api_key,
         tls=TLSConfig() if temporal.tls or api_key else False,
+        runtime=runtime,
     )
 
 

@@ -76,12 +76,17 @@ async def run_demo(settings: OnexSettings, console: Console) -> list[DemoRow]:
     serving = asyncio.create_task(host.run(stop))
     try:
         rows = await _operations(settings, host.client, console)
-        await _show_events(settings, rows, console)
+        events_ok = await _show_events(settings, rows, console)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await serving
     _summary(settings, rows, console, time.monotonic() - started)
+    if not events_ok:
+        raise DemoEventsMissing(
+            "not every registered event reached Kafka within 30 s: look at the worker's "
+            "outbox relay (`onex dev logs kafka`, the onex_outbox table)"
+        )
     return rows
 
 
@@ -134,8 +139,12 @@ async def _operations(settings: OnexSettings, client: Any, console: Console) -> 
     return rows
 
 
-async def _show_events(settings: OnexSettings, rows: list[DemoRow], console: Console) -> None:
-    """Wait (bounded) until each registration's event is on its topic, then say so."""
+class DemoEventsMissing(RuntimeError):
+    """The operations ran, but their events did not all reach Kafka."""
+
+
+async def _show_events(settings: OnexSettings, rows: list[DemoRow], console: Console) -> bool:
+    """Wait (bounded) until each registration's event is on its topic; say whether all did."""
     from aiokafka import AIOKafkaConsumer
 
     wanted = {
@@ -165,6 +174,7 @@ async def _show_events(settings: OnexSettings, rows: list[DemoRow], console: Con
         f"[bold]4. events[/bold]: {found} of {len(wanted)} registrations are on Kafka topic "
         f"{topic} (published from the outbox by the worker's relay)"
     )
+    return found == len(wanted)
 
 
 def _summary(settings: OnexSettings, rows: list[DemoRow], console: Console, took: float) -> None:

@@ -422,19 +422,30 @@ class KafkaService(Service):
         return {"bootstrap_servers": self.settings.kafka.bootstrap_servers}
 
 
-async def create_topics(bootstrap_servers: str, *, prefix: str = "") -> list[str]:
-    """Create the topic catalog (3 partitions each); topics that exist are left as they are."""
+async def create_topics(
+    bootstrap_servers: str,
+    *,
+    prefix: str = "",
+    replication_factor: int = 1,
+    client_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Create the topic catalog (3 partitions each); topics that exist are left as they are.
+
+    ``client_options`` are extra aiokafka client arguments (SASL) for a real cluster.
+    """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=10_000)
+    options = {"request_timeout_ms": 10_000, **(client_options or {})}
+    options["bootstrap_servers"] = bootstrap_servers
+    admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
         wanted = [
             NewTopic(
                 name=prefix + topic.name,
                 num_partitions=topic.partitions,
-                replication_factor=1,
+                replication_factor=replication_factor,
                 topic_configs={"retention.ms": str(topic.retention_ms)},
             )
             for topic in CATALOG

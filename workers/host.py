@@ -26,7 +26,7 @@ import structlog
 from pydantic import SecretStr
 from temporalio import activity
 from temporalio.client import Client
-from temporalio.runtime import Runtime
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.base import HandlerBase, HandlerConfig, HandlerResources, SecretSource
@@ -104,7 +104,8 @@ class WorkerHost:
         self.settings = settings
         self.client = client
         listeners: list[Callable[[Any], None]] = [log_state_change]
-        listeners.append(MetricsListener(Runtime.default().metric_meter))
+        runtime = client.service_client.config.runtime or Runtime.default()
+        listeners.append(MetricsListener(runtime.metric_meter))
         self.breakers = BreakerRegistry(listeners=listeners)
         self.resources = HandlerResources(
             settings=settings, breakers=self.breakers, secrets=secrets, clients=clients or {}
@@ -400,7 +401,14 @@ async def build_host(settings: OnexSettings, *, workflows: Sequence[type] = ()) 
     from activities.vault import build_secret_resolver
     from workers.client import connect
 
-    client = await connect(settings)
+    runtime = None
+    if settings.worker.metrics_address:
+        runtime = Runtime(
+            telemetry=TelemetryConfig(
+                metrics=PrometheusConfig(bind_address=settings.worker.metrics_address)
+            )
+        )
+    client = await connect(settings, runtime=runtime)
     resolver, vault = await build_secret_resolver(settings)
     host = WorkerHost(settings, client, secrets=resolver, workflows=workflows)
     if vault is not None:

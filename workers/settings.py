@@ -82,6 +82,8 @@ class KafkaSettings(_Section):
     delivery_timeout_ms: Annotated[int, Field(ge=10_000, le=600_000)] = 120_000
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    # For `onex kafka create-topics` on a real cluster (the embedded broker has one node).
+    replication_factor: Annotated[int, Field(ge=1, le=10)] = 1
 
 
 class ConsulSettings(_Section):
@@ -147,6 +149,8 @@ class WorkerSettings(_Section):
     operation_paths: list[Path] = Field(default_factory=lambda: [CONTRACTS_DIR / "operations"])
     allowed_namespaces: list[str] = Field(default_factory=lambda: ["activities."])
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # host:port of a Prometheus /metrics endpoint (SDK metrics, breakers, failures); off if None.
+    metrics_address: str | None = Field(default=None, pattern=r"^[^:\s]+:\d{1,5}$")
 
 
 class DevSettings(_Section):

@@ -327,3 +327,41 @@ async def test_onex_worker_drains_an_in_flight_activity_on_sigterm(
         if e.HasField("activity_task_started_event_attributes")
     ]
     assert started == [1], "the activity must have completed on its first attempt"
+
+
+async def test_metrics_endpoint_exports_sdk_and_breaker_metrics(
+    temporal_env: WorkflowEnvironment, contracts_dir: Path, task_queue: str
+) -> None:
+    """With ONEX_WORKER__METRICS_ADDRESS set, the worker's runtime serves Prometheus metrics:
+    the SDK's own and the circuit breakers' state."""
+    import aiohttp
+
+    from contracts.resilience import BreakerSettings
+    from tests.support import free_port
+    from workers.host import build_host
+    from workers.settings import TemporalSettings
+
+    host_name, port = temporal_env.client.service_client.config.target_host.rsplit(":", 1)
+    address = f"127.0.0.1:{free_port()}"
+    settings = settings_for(contracts_dir, task_queue).model_copy(
+        update={
+            "temporal": TemporalSettings(host=host_name, port=int(port)),
+            "worker": settings_for(contracts_dir, task_queue).worker.model_copy(
+                update={"metrics_address": address}
+            ),
+        }
+    )
+    worker_host = await build_host(settings, workflows=[RunActivityWorkflow])
+    await worker_host.start()
+    breaker = worker_host.breakers.get("consul:dc1", BreakerSettings(failure_threshold=1))
+    breaker.record_failure(breaker.acquire())
+
+    async def exported() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(f"http://{address}/metrics") as r:
+            text = await r.text()
+        return 'onex_circuit_breaker_state{breaker="consul:dc1"' in text and "temporal" in text
+
+    try:
+        await wait_until(exported, within=20, what="the metrics endpoint to export the breaker")
+    finally:
+        await worker_host.shutdown()
