@@ -20,6 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from contracts.operations_io import OperationStatus, StepStatus
 from contracts.registry import RegisterNodeRequest
+from contracts.resilience import BreakerSettings
 from tests.builders import register_request
 from tests.conftest import isolated_environment
 from tests.fakes.consul_agent import FakeConsulAgent
@@ -295,3 +296,30 @@ async def test_cli_register_status_retry_exit_codes(
 
     missing = await asyncio.to_thread(_onex, env, "status", "onex-register-node-nobody")
     assert missing.returncode == 5, missing.stderr
+
+
+async def test_breaker_transitions_are_announced_through_the_outbox(
+    stack: tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost],
+) -> None:
+    """A breaker opening in the worker queues onex.infra.circuit_breaker.state_changed.v1,
+    which the relay then publishes like any event."""
+    settings, _, _, worker_host = stack
+    breaker = worker_host.breakers.get("consul:dc-e2e", BreakerSettings(failure_threshold=1))
+    breaker.record_failure(breaker.acquire())
+    topic = settings.kafka.topic_prefix + "onex.infra.circuit_breaker.state_changed.v1"
+
+    async def announced() -> bool:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            batches = await consumer.getmany(timeout_ms=500)
+        finally:
+            await consumer.stop()
+        payloads = [json.loads(m.value)["payload"] for ms in batches.values() for m in ms]
+        return any(
+            p["service_name"] == "consul:dc-e2e" and p["new_state"] == "open" for p in payloads
+        )
+
+    await wait_until(announced, within=30, what="the state_changed event on Kafka")

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -31,10 +32,17 @@ from temporalio.worker import Worker
 
 from activities.base import HandlerBase, HandlerConfig, HandlerResources, SecretSource
 from activities.resilience.boundary import ActivityBoundary
-from activities.resilience.breaker import BreakerRegistry, MetricsListener, log_state_change
+from activities.resilience.breaker import (
+    BreakerRegistry,
+    MetricsListener,
+    StateChange,
+    log_state_change,
+)
+from activities.resilience.correlation import current_correlation_id
 from activities.resilience.errors import HandlerLoadError
 from activities.resilience.sanitize import register_secret, sanitize_exception
 from contracts.errors import Transport
+from contracts.events import new_envelope
 from contracts.registry import SkippedResult
 from workers.loader import LoadedHandler, load_handlers
 from workers.settings import OnexSettings
@@ -203,6 +211,8 @@ class WorkerHost:
         kafka = next(
             (h.instance for h in self.handlers if isinstance(h.instance, KafkaHandler)), None
         )
+        if postgres is not None:
+            self.breakers.add_listener(_StateChangeEvents(postgres).queue)
         if postgres is None or kafka is None:
             return
         clients = self.resources.clients
@@ -381,6 +391,42 @@ class WorkerHost:
                 if asyncio.iscoroutine(outcome):
                     await outcome
         logger.info("worker_stopped")
+
+
+class _StateChangeEvents:
+    """Queues ``onex.infra.circuit_breaker.state_changed.v1`` in the outbox on each transition.
+
+    Listeners are synchronous and run inside the breaker's caller, so the write is a task of
+    its own; losing one (the database is away too) is logged, never raised into the call.
+    """
+
+    TOPIC = "onex.infra.circuit_breaker.state_changed.v1"
+
+    def __init__(self, postgres: Any) -> None:
+        self._postgres = postgres
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def queue(self, change: StateChange) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a transition outside the event loop (a thread): log only
+            return
+        task = loop.create_task(self._enqueue(change))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _enqueue(self, change: StateChange) -> None:
+        envelope = new_envelope(
+            self.TOPIC, change.payload(), correlation_id=current_correlation_id() or uuid.uuid4()
+        )
+        try:
+            await self._postgres.enqueue_event(envelope)
+        except Exception as exc:
+            logger.warning(
+                "breaker_event_not_queued",
+                breaker=change.service_name,
+                error=sanitize_exception(exc),
+            )
 
 
 def _skipping(

@@ -369,6 +369,13 @@ class BreakerRegistry:
                     self._breakers[name] = breaker
         return breaker
 
+    def add_listener(self, listener: Listener) -> None:
+        """Hear the transitions of every breaker, present and future."""
+        with self._lock:
+            self._listeners.append(listener)
+            for breaker in self._breakers.values():
+                breaker.add_listener(listener)
+
     def snapshot(self) -> list[BreakerSnapshot]:
         return [breaker.snapshot() for breaker in sorted(self._breakers.values(), key=_name)]
 
