@@ -93,6 +93,7 @@ from contracts.registry import (
     RestoreNodeResult,
     UpsertNodeResult,
 )
+from workers.settings import PostgresSettings
 
 __all__ = [
     "PASSWORD_SECRET",
@@ -464,6 +465,24 @@ class PostgresHandler(HandlerBase):
             await _close_pool(stale, self._settings.query_timeout)
         return fresh
 
+    async def connect_unpooled(self) -> Any:
+        """A connection outside the pool (for LISTEN), with the pool's parameters and password;
+        a refused password is refreshed and tried once more, as for the pool."""
+        try:
+            return await self._connect_once()
+        except _AUTH_ERRORS:
+            if self.resources.secrets is None:
+                raise
+            await self.resources.secrets.refresh(PASSWORD_SECRET)
+        return await self._connect_once()
+
+    async def _connect_once(self) -> Any:
+        password = await self._password()
+        return await asyncpg.connect(
+            password=None if password is None else password.get_secret_value(),
+            **_connection_options(self._settings),
+        )
+
     async def _create_pool(self) -> Any:
         settings = self._settings
         if settings.pool_min_size > settings.pool_max_size:
@@ -476,29 +495,42 @@ class PostgresHandler(HandlerBase):
             )
         password = await self._password()
         return await self._pool_factory(
-            host=settings.host,
-            port=settings.port,
-            user=settings.user,
-            database=settings.database,
             password=None if password is None else password.get_secret_value(),
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
-            timeout=settings.connect_timeout,
-            command_timeout=settings.query_timeout,
-            server_settings={"application_name": APPLICATION_NAME},
+            **_connection_options(settings),
         )
 
     async def _password(self) -> SecretStr | None:
-        """From the secret store when there is one and it knows the name, else the settings."""
-        secrets = self.resources.secrets
-        value = None
-        if secrets is not None:
-            value = await secrets.get_secret(PASSWORD_SECRET, required=False)
-        if value is None:
-            return self._settings.password
-        password = value if isinstance(value, SecretStr) else SecretStr(str(value))
-        register_secret(password)  # scrubbed from any message that would quote it
-        return password
+        return await resolve_password(self._settings, self.resources.secrets)
+
+
+async def resolve_password(
+    settings: PostgresSettings, secrets: SecretSource | None
+) -> SecretStr | None:
+    """The registry's password: from the secret store when it knows the name, else the
+    settings. Every command and service that connects uses this one rule."""
+    value = None
+    if secrets is not None:
+        value = await secrets.get_secret(PASSWORD_SECRET, required=False)
+    if value is None:
+        return settings.password
+    password = value if isinstance(value, SecretStr) else SecretStr(str(value))
+    register_secret(password)  # scrubbed from any message that would quote it
+    return password
+
+
+def _connection_options(settings: PostgresSettings) -> dict[str, Any]:
+    """What a pool and a lone connection share (the password is resolved separately)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "user": settings.user,
+        "database": settings.database,
+        "timeout": settings.connect_timeout,
+        "command_timeout": settings.query_timeout,
+        "server_settings": {"application_name": APPLICATION_NAME},
+    }
 
 
 # ---------------------------------------------------------------------------------------------

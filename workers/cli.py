@@ -301,15 +301,14 @@ def db_migrate() -> None:
     Example: onex db migrate
     """
     from activities.migrate import migrate_dsn
+    from activities.postgres import resolve_password
     from activities.vault import build_secret_resolver
 
     settings = settings_or_exit()
 
     async def run() -> list[str]:
-        # The same password the worker would use: the secret store first, then the settings.
         resolver, _ = await build_secret_resolver(settings)
-        password = await resolver.get_secret("database.postgres.password", required=False)
-        password = password or settings.postgres.password
+        password = await resolve_password(settings.postgres, resolver)
         return await migrate_dsn(
             settings.postgres.dsn,
             password=password.get_secret_value() if password else None,

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
 import structlog
-from pydantic import SecretStr
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
@@ -40,7 +38,7 @@ from activities.resilience.breaker import (
 )
 from activities.resilience.correlation import current_correlation_id
 from activities.resilience.errors import HandlerLoadError
-from activities.resilience.sanitize import register_secret, sanitize_exception
+from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import Transport
 from contracts.events import new_envelope
 from contracts.registry import SkippedResult
@@ -222,63 +220,11 @@ class WorkerHost:
         relay = OutboxRelay(
             postgres.current_pool,
             kafka.publisher,
-            listen_connect=self._connect_postgres if own_pool else None,
+            listen_connect=postgres.connect_unpooled if own_pool else None,
         )
         self.relay = relay
         self.background_services.append(relay.run)
         self.report.services.append("outbox relay (postgres -> kafka)")
-
-    async def _connect_postgres(self) -> asyncpg.Connection:
-        """A connection outside the pool, with the PostgreSQL handler's parameters and password.
-
-        A refused password is refreshed from the secret store and tried once more, as the
-        handler does for its pool.
-        """
-        from activities.postgres import APPLICATION_NAME
-
-        settings = self.settings.postgres
-
-        async def connect() -> asyncpg.Connection:
-            return await asyncpg.connect(
-                host=settings.host,
-                port=settings.port,
-                user=settings.user,
-                database=settings.database,
-                password=await self._postgres_password(),
-                timeout=settings.connect_timeout,
-                command_timeout=settings.query_timeout,
-                server_settings={"application_name": APPLICATION_NAME},
-            )
-
-        try:
-            return await connect()
-        except (
-            asyncpg.exceptions.InvalidPasswordError,
-            asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-        ):
-            if self.resources.secrets is None:
-                raise
-            from activities.postgres import PASSWORD_SECRET
-
-            await self.resources.secrets.refresh(PASSWORD_SECRET)
-        return await connect()
-
-    async def _postgres_password(self) -> str | None:
-        """As the PostgreSQL handler resolves it: the secret store if it knows the name, else
-        the settings."""
-        from activities.postgres import PASSWORD_SECRET
-
-        secrets = self.resources.secrets
-        value: Any = None
-        if secrets is not None:
-            value = await secrets.get_secret(PASSWORD_SECRET, required=False)
-        if value is None:
-            value = self.settings.postgres.password
-        if value is None:
-            return None
-        password = value if isinstance(value, SecretStr) else SecretStr(str(value))
-        register_secret(password)  # scrubbed from any message that would quote it
-        return password.get_secret_value()
 
     def _activities_of(self, hosted: HostedHandler) -> dict[str, Callable[..., Any]]:
         contract = hosted.loaded.contract
