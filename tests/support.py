@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -29,3 +31,22 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def readable_history(value: object) -> str:
+    """A history's JSON with every payload's base64 ``data`` decoded next to it, so that a
+    search for a secret also looks inside inputs, results and failure details."""
+    decoded: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if key == "data" and isinstance(child, str):
+                    decoded.append(base64.b64decode(child).decode(errors="replace"))
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(value)
+    return json.dumps(value) + "\n" + "\n".join(decoded)

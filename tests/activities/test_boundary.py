@@ -7,7 +7,6 @@ where the waits pass in milliseconds.
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import random
@@ -30,6 +29,7 @@ from activities.resilience.breaker import BreakerRegistry, BreakerState
 from contracts.errors import Transport
 from contracts.resilience import BreakerSettings, ResiliencePolicy, RetrySettings
 from tests.sample_workflows import ActivityCall, CallActivityWorkflow
+from tests.support import readable_history
 
 POLICY = ResiliencePolicy(
     retry=RetrySettings(max_attempts=5, initial_interval=1.0, max_interval=60.0, jitter=0.25),
@@ -224,24 +224,6 @@ async def test_an_open_breaker_delays_the_next_attempt_until_half_open(
     assert breakers.snapshot()[0].state is BreakerState.HALF_OPEN, "one probe success of two"
 
 
-def _readable(value: object) -> str:
-    """The JSON of a history with every payload's base64 data decoded next to it."""
-    decoded: list[str] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            for key, child in node.items():
-                if key == "data" and isinstance(child, str):
-                    decoded.append(base64.b64decode(child).decode(errors="replace"))
-                walk(child)
-        elif isinstance(node, list):
-            for child in node:
-                walk(child)
-
-    walk(value)
-    return json.dumps(value) + "\n".join(decoded)
-
-
 SECRETS = ("hunter2-Sekr3t", "xoxb-SECRET-TOKEN-1234", "Pa55w0rd-XYZ")
 
 
@@ -263,7 +245,7 @@ async def test_no_secret_reaches_the_workflow_history(
     dsn_outcome, dsn_events = await run_workflow(time_skipping_env, task_queue, dsn_fn, "db.dsn")
     assert isinstance(dsn_outcome, WorkflowFailureError)
 
-    history = _readable(events) + _readable(dsn_events)
+    history = readable_history(events) + readable_history(dsn_events)
     assert "InfraAuthenticationError" in history, "the failure itself must be recorded"
     assert "InfraUnexpectedError" in history
     for secret in SECRETS:

@@ -101,21 +101,7 @@ async def test_publish_envelope_lands_on_its_topic_with_key_and_headers(
 async def test_handler_publish_through_the_activity_boundary(settings: OnexSettings) -> None:
     """kafka.publish behind the real boundary returns where the event went."""
     breakers = BreakerRegistry()
-    handler = KafkaHandler(HandlerResources(settings=settings, breakers=breakers))
-    policy = default_policy(Transport.KAFKA)
-    await handler.initialize(
-        HandlerConfig(
-            handler_name="kafka", transport=Transport.KAFKA, operations=("publish",), policy=policy
-        )
-    )
-    boundary = ActivityBoundary(
-        transport=Transport.KAFKA,
-        target="kafka",
-        policy=policy,
-        breakers=breakers,
-        breaker_key=KafkaHandler.breaker_key,
-    )
-    publish = boundary.wrap("publish", handler.publish)
+    handler, publish = await guarded_handler(settings, breakers)
     envelope = registered()
     try:
         result = await publish(envelope)
@@ -144,20 +130,9 @@ async def test_unreachable_broker_is_a_retryable_failure(backends: OnexSettings)
     assert not publisher.started
 
     breakers = BreakerRegistry()
-    handler = KafkaHandler(HandlerResources(settings=settings, breakers=breakers))
+    # initialize() succeeds: the worker still starts while Kafka is away.
+    handler, publish = await guarded_handler(settings, breakers)
     policy = default_policy(Transport.KAFKA)
-    config = HandlerConfig(
-        handler_name="kafka", transport=Transport.KAFKA, operations=("publish",), policy=policy
-    )
-    await handler.initialize(config)  # the worker still starts while Kafka is away
-    boundary = ActivityBoundary(
-        transport=Transport.KAFKA,
-        target="kafka",
-        policy=policy,
-        breakers=breakers,
-        breaker_key=KafkaHandler.breaker_key,
-    )
-    publish = boundary.wrap("publish", handler.publish)
     try:
         with pytest.raises(ApplicationError) as caught:
             await publish(registered())
@@ -201,20 +176,11 @@ async def test_breaker_per_topic_opens_after_three_failures(backends: OnexSettin
         assert publisher.breaker(DEREGISTERED).snapshot().consecutive_failures == 1
 
         # The activity path shares the breaker: rejected without a network call.
-        handler = KafkaHandler(
-            HandlerResources(
-                settings=settings, breakers=breakers, clients={"kafka.publisher": publisher}
-            )
-        )
-        boundary = ActivityBoundary(
-            transport=Transport.KAFKA,
-            target="kafka",
-            policy=default_policy(Transport.KAFKA),
-            breakers=breakers,
-            breaker_key=KafkaHandler.breaker_key,
+        _, publish = await guarded_handler(
+            settings, breakers, clients={"kafka.publisher": publisher}
         )
         with pytest.raises(ApplicationError) as caught:
-            await boundary.wrap("publish", handler.publish)(envelope)
+            await publish(envelope)
         assert caught.value.type == "InfraUnavailableError"
         assert caught.value.non_retryable is False
         assert caught.value.next_retry_delay is not None
@@ -387,12 +353,14 @@ def fast_kafka(bootstrap_servers: str) -> KafkaSettings:
 
 
 async def guarded_handler(
-    settings: OnexSettings, breakers: BreakerRegistry
+    settings: OnexSettings, breakers: BreakerRegistry, *, clients: dict[str, Any] | None = None
 ) -> tuple[KafkaHandler, Callable[[EventEnvelope], Awaitable[PublishResult]]]:
-    """A KafkaHandler with its own (started) publisher, and its publish behind the boundary
-    as the worker builds it (per-topic breakers from ``breakers``)."""
+    """A KafkaHandler (its own publisher unless ``clients`` has one), and its publish behind
+    the boundary as the worker builds it (per-topic breakers from ``breakers``)."""
     policy = default_policy(Transport.KAFKA)
-    handler = KafkaHandler(HandlerResources(settings=settings, breakers=breakers))
+    handler = KafkaHandler(
+        HandlerResources(settings=settings, breakers=breakers, clients=clients or {})
+    )
     await handler.initialize(
         HandlerConfig(
             handler_name="kafka", transport=Transport.KAFKA, operations=("publish",), policy=policy
