@@ -24,7 +24,7 @@ import glob
 import importlib
 import inspect
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -452,7 +452,3 @@ def load_operations(
             continue
         operations[contract.operation] = contract
     return operations, errors
-
-
-def iter_codes(errors: Iterable[HandlerLoadError]) -> list[str]:
-    return [error.loader_code for error in errors]

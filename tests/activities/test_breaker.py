@@ -17,6 +17,7 @@ from activities.resilience.breaker import (
     StateChange,
 )
 from contracts.resilience import BreakerSettings
+from tests.support import wait_until
 
 
 class FakeClock:
@@ -299,8 +300,11 @@ async def test_half_open_never_admits_more_than_n_concurrent_probes(clock: FakeC
         return "probed"
 
     tasks = [asyncio.create_task(caller()) for _ in range(200)]
-    for _ in range(5):
-        await asyncio.sleep(0)
+
+    async def every_caller_answered_or_probing() -> bool:
+        return sum(task.done() for task in tasks) + in_flight == len(tasks)
+
+    await wait_until(every_caller_answered_or_probing, within=10, what="all 200 calls to arrive")
     release.set()
     results = await asyncio.gather(*tasks)
     assert peak == 3
