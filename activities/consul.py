@@ -74,9 +74,8 @@ from activities.base import (
 )
 from activities.resilience.classify import classify
 from activities.resilience.correlation import current_correlation_id
-from activities.resilience.errors import ConfigurationError
 from activities.resilience.sanitize import register_secret
-from contracts.errors import ErrorContext, Transport
+from contracts.errors import ConfigurationError, ErrorContext, Transport
 from contracts.registry import (
     CompensationInput,
     DeregisterNodeRequest,

@@ -33,8 +33,7 @@ from typing import Final
 import asyncpg
 import structlog
 
-from activities.resilience.errors import ConfigurationError
-from contracts.errors import ErrorContext, Transport
+from contracts.errors import ConfigurationError, ErrorContext, Transport
 
 __all__ = [
     "MIGRATION_LOCK_KEY",

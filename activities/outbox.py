@@ -78,9 +78,8 @@ from activities.kafka import envelope_headers
 from activities.migrate import TARGET
 from activities.resilience.breaker import CircuitOpenError
 from activities.resilience.classify import classify
-from activities.resilience.errors import ConfigurationError, InfraError
 from activities.resilience.sanitize import sanitize_exception
-from contracts.errors import ErrorContext, Transport
+from contracts.errors import ConfigurationError, ErrorContext, InfraError, Transport
 from contracts.events import EventEnvelope
 
 __all__ = ["CHANNEL", "DrainResult", "OutboxRelay", "Publisher", "enqueue"]
@@ -124,7 +123,7 @@ async def enqueue(
     pairs. Returns the row id, or None when an event with the same ``event_id`` is already
     there (a retried activity enqueues it once).
 
-    Raises :class:`~activities.resilience.errors.ConfigurationError` (naming ``operation``)
+    Raises :class:`~contracts.errors.ConfigurationError` (naming ``operation``)
     when the event type is not a catalog topic or the payload lacks the topic's key field.
     """
     try:

@@ -76,9 +76,8 @@ from activities.base import (
 from activities.migrate import TARGET, migrate
 from activities.outbox import enqueue
 from activities.resilience.correlation import current_correlation_id
-from activities.resilience.errors import ConfigurationError
 from activities.resilience.sanitize import register_secret
-from contracts.errors import ErrorContext, Transport
+from contracts.errors import ConfigurationError, ErrorContext, Transport
 from contracts.events import EventEnvelope
 from contracts.registry import (
     CompensationInput,

@@ -44,15 +44,16 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from activities.resilience.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError
 from activities.resilience.classify import classify
 from activities.resilience.correlation import current_correlation_id
-from activities.resilience.errors import (
+from activities.resilience.sanitize import register_secret
+from contracts.errors import (
     ConfigurationError,
+    ErrorContext,
     InfraAuthenticationError,
     InfraError,
     InfraUnavailableError,
     SecretResolutionError,
+    Transport,
 )
-from activities.resilience.sanitize import register_secret
-from contracts.errors import ErrorContext, Transport
 from contracts.resilience import default_policy
 from workers.settings import OnexSettings, SecretsSettings, VaultSettings
 

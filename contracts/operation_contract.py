@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contracts.errors import Transport
+from contracts.errors import ConfigurationError, Transport
 from contracts.handler_contract import LOWER_SNAKE, HandlerContract
 from contracts.resilience import ResiliencePolicy, RetrySettings, TimeoutSettings
 from contracts.topics import TOPICS_BY_NAME
@@ -121,7 +121,7 @@ class OperationPlan(_Contract):
         raise KeyError(backend)
 
 
-class PlanError(ValueError):
+class PlanError(ConfigurationError, ValueError):
     """An operation contract that does not fit the handler contracts it names."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.operation_contract import OperationPlan
+from contracts.topics import TopicName
 
 
 class OperationStatus(StrEnum):
@@ -91,7 +92,7 @@ def event_payload(
     consul = by_backend.get("consul")
     postgres = by_backend.get("postgres")
     node_id = request.get("node_id")
-    if topic == "onex.registry.node.registered.v1":
+    if topic == TopicName.REGISTRY_NODE_REGISTERED:
         service = (consul.result or {}) if consul and consul.success else {}
         return {
             "node_id": node_id,
@@ -101,7 +102,7 @@ def event_payload(
             "registered_at": now.isoformat(),
             "ttl_seconds": REGISTERED_TTL_SECONDS,
         }
-    if topic == "onex.registry.node.registration_failed.v1":
+    if topic == TopicName.REGISTRY_NODE_REGISTRATION_FAILED:
         first_failure = next((b for b in result.backends if b.status == StepStatus.FAILED), None)
         return {
             "node_id": node_id,
@@ -113,7 +114,7 @@ def event_payload(
             "suggested_retry_delay_seconds": SUGGESTED_RETRY_DELAY_SECONDS,
             "status": result.status.value,
         }
-    if topic == "onex.registry.node.deregistered.v1":
+    if topic == TopicName.REGISTRY_NODE_DEREGISTERED:
         return {
             "node_id": node_id,
             "reason": request.get("reason", "requested"),

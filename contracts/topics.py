@@ -27,6 +27,23 @@ class TopicKey(StrEnum):
     REQUEST_ID = "request_id"
 
 
+class TopicName(StrEnum):
+    """Every topic of the catalog, by name: code names topics through this, never a literal."""
+
+    NODE_INTROSPECTION_PUBLISHED = "onex.node.introspection.published.v1"
+    NODE_HEARTBEAT_PUBLISHED = "onex.node.heartbeat.published.v1"
+    NODE_SHUTDOWN_ANNOUNCED = "onex.node.shutdown.announced.v1"
+    REGISTRY_INTROSPECTION_REQUESTED = "onex.registry.introspection.requested.v1"
+    REGISTRY_NODE_REGISTERED = "onex.registry.node.registered.v1"
+    REGISTRY_NODE_REGISTRATION_FAILED = "onex.registry.node.registration_failed.v1"
+    REGISTRY_NODE_DEREGISTERED = "onex.registry.node.deregistered.v1"
+    REGISTRY_WORKFLOW_STARTED = "onex.registry.workflow.started.v1"
+    REGISTRY_WORKFLOW_COMPLETED = "onex.registry.workflow.completed.v1"
+    REGISTRY_WORKFLOW_FAILED = "onex.registry.workflow.failed.v1"
+    INFRA_CIRCUIT_BREAKER_STATE_CHANGED = "onex.infra.circuit_breaker.state_changed.v1"
+    INFRA_ERROR_DETECTED = "onex.infra.error.detected.v1"
+
+
 class Topic(BaseModel):
     """One catalog entry."""
 
@@ -41,73 +58,73 @@ class Topic(BaseModel):
 
 CATALOG: tuple[Topic, ...] = (
     Topic(
-        name="onex.node.introspection.published.v1",
+        name=TopicName.NODE_INTROSPECTION_PUBLISHED,
         key=TopicKey.NODE_ID,
         retention_ms=_DAY_MS,
         description="A node describes itself (capabilities, endpoints); last write wins.",
     ),
     Topic(
-        name="onex.node.heartbeat.published.v1",
+        name=TopicName.NODE_HEARTBEAT_PUBLISHED,
         key=TopicKey.NODE_ID,
         retention_ms=_HOUR_MS,
         description="A node is alive, every 30 s; ephemeral.",
     ),
     Topic(
-        name="onex.node.shutdown.announced.v1",
+        name=TopicName.NODE_SHUTDOWN_ANNOUNCED,
         key=TopicKey.NODE_ID,
         retention_ms=_DAY_MS,
         description="A node is going away and says why.",
     ),
     Topic(
-        name="onex.registry.introspection.requested.v1",
+        name=TopicName.REGISTRY_INTROSPECTION_REQUESTED,
         key=TopicKey.REQUEST_ID,
         retention_ms=_HOUR_MS,
         description="The registry asks nodes to introspect; best-effort broadcast.",
     ),
     Topic(
-        name="onex.registry.node.registered.v1",
+        name=TopicName.REGISTRY_NODE_REGISTERED,
         key=TopicKey.NODE_ID,
         retention_ms=7 * _DAY_MS,
         description="A node is in the catalog and the registry database.",
     ),
     Topic(
-        name="onex.registry.node.registration_failed.v1",
+        name=TopicName.REGISTRY_NODE_REGISTRATION_FAILED,
         key=TopicKey.NODE_ID,
         retention_ms=7 * _DAY_MS,
         description="A registration failed; says which backends succeeded and if a retry helps.",
     ),
     Topic(
-        name="onex.registry.node.deregistered.v1",
+        name=TopicName.REGISTRY_NODE_DEREGISTERED,
         key=TopicKey.NODE_ID,
         retention_ms=7 * _DAY_MS,
         description="A node was removed from the catalog and deactivated in the registry.",
     ),
     Topic(
-        name="onex.registry.workflow.started.v1",
+        name=TopicName.REGISTRY_WORKFLOW_STARTED,
         key=TopicKey.WORKFLOW_ID,
         retention_ms=7 * _DAY_MS,
         description="An orchestrated operation started.",
     ),
     Topic(
-        name="onex.registry.workflow.completed.v1",
+        name=TopicName.REGISTRY_WORKFLOW_COMPLETED,
         key=TopicKey.WORKFLOW_ID,
         retention_ms=30 * _DAY_MS,
         description="An orchestrated operation completed.",
     ),
     Topic(
-        name="onex.registry.workflow.failed.v1",
+        name=TopicName.REGISTRY_WORKFLOW_FAILED,
         key=TopicKey.WORKFLOW_ID,
         retention_ms=30 * _DAY_MS,
         description="An orchestrated operation failed after its retries.",
     ),
     Topic(
-        name="onex.infra.circuit_breaker.state_changed.v1",
+        name=TopicName.INFRA_CIRCUIT_BREAKER_STATE_CHANGED,
         key=TopicKey.SERVICE_NAME,
         retention_ms=7 * _DAY_MS,
         description="A circuit breaker changed state.",
     ),
     Topic(
-        name="onex.infra.error.detected.v1",
+        name=TopicName.INFRA_ERROR_DETECTED,
         key=TopicKey.CORRELATION_ID,
         retention_ms=7 * _DAY_MS,
         description="An infrastructure error worth an operator's attention (sanitized).",

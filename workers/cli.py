@@ -22,8 +22,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from activities.resilience.errors import ConfigurationError, InfraError
 from activities.resilience.sanitize import sanitize_exception, sanitize_text
+from contracts.errors import ConfigurationError, InfraError
 from workers import operations_cli
 from workers.cli_support import (
     EPILOG,

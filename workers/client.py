@@ -30,6 +30,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.resilience.correlation import ensure_correlation_id
+from contracts.errors import CompensationFailedError, OperationError
 from contracts.operation_contract import OperationContract, OperationPlan, compile_plan
 from contracts.operations_io import OperationInput, OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
@@ -59,11 +60,11 @@ async def connect(settings: OnexSettings, *, runtime: Runtime | None = None) -> 
     )
 
 
-class OperationNotFound(LookupError):
+class OperationNotFound(OperationError, LookupError):
     """No workflow with that id exists (or it is not an operation workflow)."""
 
 
-class OperationFinished(ValueError):
+class OperationFinished(OperationError, ValueError):
     """The operation has ended, so it can no longer be retried; ``status`` says how."""
 
     def __init__(self, workflow_id: str, status: OperationStatus) -> None:
@@ -161,7 +162,7 @@ async def result_of(handle: WorkflowHandle[Any, OperationResult]) -> OperationRe
         return await handle.result()
     except WorkflowFailureError as failure:
         cause = failure.cause
-        if isinstance(cause, ApplicationError) and cause.type == "CompensationFailedError":
+        if isinstance(cause, ApplicationError) and cause.type == CompensationFailedError.__name__:
             return OperationResult.model_validate(cause.details[0])
         raise
 

@@ -20,15 +20,17 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from contracts.errors import InfraUnavailableError
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
+from contracts.topics import TopicName
 from workers.client import Operations, deregister_node, register_node
 from workers.devstack import DevStack
 from workers.host import build_host
 from workers.settings import OnexSettings
 from workflows import WORKFLOWS
 
-REGISTERED_TOPIC = "onex.registry.node.registered.v1"
+REGISTERED_TOPIC = TopicName.REGISTRY_NODE_REGISTERED
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ async def _operations(settings: OnexSettings, client: Any, console: Console) -> 
     return rows
 
 
-class DemoEventsMissing(RuntimeError):
+class DemoEventsMissing(InfraUnavailableError, RuntimeError):
     """The operations ran, but their events did not all reach Kafka."""
 
 

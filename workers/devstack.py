@@ -35,6 +35,7 @@ from typing import Any
 
 import psutil
 
+from contracts.errors import InfraPermanentError
 from contracts.search_attributes import SEARCH_ATTRIBUTES
 from contracts.topics import CATALOG
 from workers.settings import OnexSettings
@@ -50,7 +51,7 @@ class ServiceName(StrEnum):
     KAFKA = "kafka"
 
 
-class StackError(Exception):
+class StackError(InfraPermanentError):
     """A service of the embedded stack could not be started, checked or stopped."""
 
 

@@ -37,11 +37,11 @@ from activities.resilience.breaker import (
     log_state_change,
 )
 from activities.resilience.correlation import current_correlation_id
-from activities.resilience.errors import HandlerLoadError
 from activities.resilience.sanitize import sanitize_exception
-from contracts.errors import Transport
+from contracts.errors import HandlerLoadError, InfraPermanentError, Transport
 from contracts.events import new_envelope
 from contracts.registry import SkippedResult
+from contracts.topics import TopicName
 from workers.loader import LoadedHandler, load_handlers
 from workers.settings import OnexSettings
 
@@ -55,7 +55,7 @@ RESTART_DELAY_MAX = 30.0
 BackgroundService = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(InfraPermanentError, RuntimeError):
     """A handler could not be initialized; the message is sanitized and says which."""
 
 
@@ -346,7 +346,7 @@ class _StateChangeEvents:
     its own; losing one (the database is away too) is logged, never raised into the call.
     """
 
-    TOPIC = "onex.infra.circuit_breaker.state_changed.v1"
+    TOPIC = TopicName.INFRA_CIRCUIT_BREAKER_STATE_CHANGED
 
     def __init__(self, postgres: Any) -> None:
         self._postgres = postgres

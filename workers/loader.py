@@ -33,8 +33,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from activities.resilience.errors import HandlerLoadError
-from contracts.errors import ErrorContext, Transport
+from contracts.errors import ErrorContext, HandlerLoadError, Transport
 from contracts.handler_contract import HandlerContract
 from contracts.operation_contract import OperationContract
 

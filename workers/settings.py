@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from activities.resilience.sanitize import register_secret
+from contracts.errors import ConfigurationError
 
 # The built-in contracts ship inside the contracts package.
 CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
@@ -199,7 +200,7 @@ class OnexSettings(BaseSettings):
         return data
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigurationError, ValueError):
     """Settings that cannot be used; the message names each bad key and the form it expects."""
 
 

@@ -26,6 +26,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from contracts.errors import CompensationFailedError
     from contracts.events import new_envelope
     from contracts.operation_contract import PlanStep
     from contracts.operations_io import (
@@ -38,12 +39,13 @@ with workflow.unsafe.imports_passed_through():
     )
     from contracts.registry import CompensationInput
     from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
+    from contracts.topics import TopicName
     from workflows.saga import Compensation, Saga
 
 
-WORKFLOW_STARTED = "onex.registry.workflow.started.v1"
-WORKFLOW_COMPLETED = "onex.registry.workflow.completed.v1"
-WORKFLOW_FAILED = "onex.registry.workflow.failed.v1"
+WORKFLOW_STARTED = TopicName.REGISTRY_WORKFLOW_STARTED
+WORKFLOW_COMPLETED = TopicName.REGISTRY_WORKFLOW_COMPLETED
+WORKFLOW_FAILED = TopicName.REGISTRY_WORKFLOW_FAILED
 
 
 @workflow.defn
@@ -91,7 +93,7 @@ class OperationWorkflow:
                 f"compensation failed for {', '.join(self._failed_compensations)}: "
                 "the backends may hold half-done work; see the workflow's result details",
                 self.status().model_dump(mode="json"),
-                type="CompensationFailedError",
+                type=CompensationFailedError.__name__,
                 non_retryable=True,
             )
         return self.status()

@@ -1,9 +1,8 @@
 """The resilience layer every backend handler goes through.
 
-* :mod:`.errors` — the error hierarchy and its context;
 * :mod:`.sanitize` — what may be shown of a message, a mapping, a DSN;
 * :mod:`.classify` — native exceptions (asyncpg, aiokafka, aiohttp, consul, hvac, OSError) to
-  the hierarchy, retryable or not;
+  the error tree of :mod:`contracts.errors`, retryable or not;
 * :mod:`.breaker` — circuit breakers and their registry;
 * :mod:`.boundary` — the activity boundary: log context, breaker, timing, failure mapping;
 * :mod:`.correlation` — the correlation id of the current request.

@@ -37,9 +37,14 @@ from temporalio.exceptions import ApplicationError
 from activities.resilience.breaker import BreakerRegistry, CircuitOpenError
 from activities.resilience.classify import classify
 from activities.resilience.correlation import correlation_scope, current_correlation_id
-from activities.resilience.errors import InfraError, InfraUnavailableError
 from activities.resilience.sanitize import redact_mapping, sanitize_text
-from contracts.errors import ErrorContext, ErrorDetails, Transport
+from contracts.errors import (
+    ErrorContext,
+    ErrorDetails,
+    InfraError,
+    InfraUnavailableError,
+    Transport,
+)
 from contracts.resilience import ResiliencePolicy
 
 P = ParamSpec("P")

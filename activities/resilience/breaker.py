@@ -33,6 +33,7 @@ from typing import ParamSpec, TypeVar
 import structlog
 from temporalio.common import MetricMeter
 
+from contracts.errors import InfraUnavailableError
 from contracts.resilience import BreakerSettings
 
 Clock = Callable[[], float]
@@ -52,13 +53,15 @@ _OPEN = BreakerState.OPEN
 _HALF_OPEN = BreakerState.HALF_OPEN
 
 
-class CircuitOpenError(Exception):
+class CircuitOpenError(InfraUnavailableError):
     """The breaker rejected the call; ``retry_after`` is when it will admit a probe."""
 
     def __init__(self, name: str, retry_after: float) -> None:
-        super().__init__(f"circuit breaker {name} is open; retry in {retry_after:.3f}s")
+        super().__init__(
+            f"circuit breaker {name} is open; retry in {retry_after:.3f}s", retry_after=retry_after
+        )
         self.name = name
-        self.retry_after = retry_after
+        self.retry_after: float = retry_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Native exceptions to the error hierarchy: an ordered table, first match wins (RETRY-5..7).
 
 :func:`classify` turns whatever a client library raised into an
-:class:`~activities.resilience.errors.InfraError` with a generic, safe message; the native
+:class:`~contracts.errors.InfraError` with a generic, safe message; the native
 exception is chained as ``__cause__`` and its text is never copied (it may hold a DSN, a token
 or a query parameter). Only the native class name and, for HTTP, the status code are shown.
 
@@ -97,8 +97,9 @@ from consul import base as consul_errors
 from hvac import exceptions as vault_errors
 from requests import exceptions as requests_errors
 
-from activities.resilience.errors import (
+from contracts.errors import (
     ConfigurationError,
+    ErrorContext,
     InfraAuthenticationError,
     InfraConnectionError,
     InfraDataIntegrityError,
@@ -108,8 +109,8 @@ from activities.resilience.errors import (
     InfraUnavailableError,
     InfraUnexpectedError,
     SecretResolutionError,
+    Transport,
 )
-from contracts.errors import ErrorContext, Transport
 
 __all__ = [
     "CLASSIFICATION_RULES",
@@ -212,6 +213,11 @@ def _kafka_retriable(exc: BaseException) -> bool:
     return bool(getattr(exc, "retriable", False))
 
 
+def _utcnow() -> datetime:
+    """The clock an HTTP-date ``Retry-After`` is measured against (tests pin it)."""
+    return datetime.now(UTC)
+
+
 def _retry_after(exc: BaseException) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date); None if absent/bad."""
     headers: Any = None
@@ -234,7 +240,7 @@ def _retry_after(exc: BaseException) -> float | None:
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        seconds = (when - datetime.now(UTC)).total_seconds()
+        seconds = (when - _utcnow()).total_seconds()
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)

@@ -32,8 +32,7 @@ from activities.consul import (
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from activities.resilience.correlation import correlation_scope
-from activities.resilience.errors import ConfigurationError, InfraConnectionError
-from contracts.errors import Transport
+from contracts.errors import ConfigurationError, InfraConnectionError, Transport
 from contracts.registry import (
     CompensationInput,
     DeregisterNodeRequest,

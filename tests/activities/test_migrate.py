@@ -12,8 +12,7 @@ import asyncpg
 import pytest
 
 from activities.migrate import MIGRATION_LOCK_KEY, load_migrations, migrate, migrate_dsn
-from activities.resilience.errors import ConfigurationError
-from contracts.errors import Transport
+from contracts.errors import ConfigurationError, Transport
 
 REGISTRY_TABLES = {
     "onex_nodes",

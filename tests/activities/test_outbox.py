@@ -26,7 +26,7 @@ from activities.kafka import DedupingConsumer, EventPublisher
 from activities.outbox import OutboxRelay, enqueue
 from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.breaker import BreakerRegistry, BreakerState
-from activities.resilience.errors import ConfigurationError
+from contracts.errors import ConfigurationError
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import BreakerSettings
 from contracts.topics import TOPICS_BY_NAME

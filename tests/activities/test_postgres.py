@@ -22,8 +22,7 @@ from activities.migrate import load_migrations
 from activities.postgres import PASSWORD_SECRET, POOL_CLIENT, POOL_FACTORY_CLIENT, PostgresHandler
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
-from activities.resilience.errors import ConfigurationError
-from contracts.errors import Transport
+from contracts.errors import ConfigurationError, Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.registry import (
     CompensationInput,

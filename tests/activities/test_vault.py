@@ -32,17 +32,18 @@ from activities.postgres import PASSWORD_SECRET, POOL_FACTORY_CLIENT, PostgresHa
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from activities.resilience.classify import classify
-from activities.resilience.errors import (
+from activities.resilience.sanitize import sanitize_text
+from activities.vault import SecretResolver, VaultClient, build_secret_resolver
+from contracts.errors import (
     ConfigurationError,
+    ErrorContext,
     InfraAuthenticationError,
     InfraConnectionError,
     InfraTimeoutError,
     InfraUnavailableError,
     SecretResolutionError,
+    Transport,
 )
-from activities.resilience.sanitize import sanitize_text
-from activities.vault import SecretResolver, VaultClient, build_secret_resolver
-from contracts.errors import ErrorContext, Transport
 from contracts.registry import RegisterNodeRequest
 from contracts.resilience import default_policy
 from tests.fakes.vault_server import FakeVaultServer

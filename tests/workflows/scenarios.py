@@ -23,8 +23,7 @@ from temporalio.worker import Worker
 
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry
-from activities.resilience.errors import InfraAuthenticationError
-from contracts.errors import ErrorContext, Transport
+from contracts.errors import ErrorContext, InfraAuthenticationError, Transport
 from contracts.events import EventEnvelope
 from contracts.operation_contract import OperationPlan, compile_plan
 from contracts.operations_io import OperationInput, OperationResult
