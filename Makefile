@@ -65,6 +65,6 @@ lock: $(VENV)/.installed-dev ## re-resolve the pinned dependencies after editing
 clean: ## remove the virtual environment and caches (not the stack's data: see onex dev down --purge)
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
-record-histories: $(VENV)/.installed-dev ## re-record the golden workflow histories on purpose
+record-histories: $(VENV)/.installed-dev ## record golden histories that are missing (never overwrites one)
 	ONEX_RECORD_HISTORIES=1 $(BIN)/pytest tests/workflows/test_operation.py -q
-	@echo "recorded into tests/histories/: review the diff and commit it"
+	@echo "new histories recorded into tests/histories/: review and commit them"

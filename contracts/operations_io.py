@@ -23,6 +23,9 @@ class OperationStatus(StrEnum):
     FAILED = "failed"
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
+    # Compensations ran out of budget: the operation stays open, waiting for an operator to
+    # resume them (``resume_compensation``) or to give up (``abandon``).
+    COMPENSATION_PAUSED = "compensation_paused"
 
 
 class StepStatus(StrEnum):
@@ -70,6 +73,10 @@ class OperationResult(BaseModel):
     duration_ms: float
     failed_backends: list[str]
     failed_compensations: list[str] = Field(default_factory=list)
+    # Why the operation waits (compensation_paused) or was abandoned, in an operator's words.
+    reason: str | None = None
+    # Outcome events that could not be queued within their budget (never dropped silently).
+    undelivered_events: list[str] = Field(default_factory=list)
 
     def memo(self) -> dict[str, str]:
         """The per-backend summary kept in the workflow memo (shown in the UI)."""

@@ -8,10 +8,21 @@ step whose backend is disabled is reported as skipped, with the reason, and neve
 * ``all_or_partial``: the workflow stays open in ``partial`` for the retry window. The Update
   ``retry_failed(backend)`` re-runs only the failed steps (or one of them); succeeded steps are
   never repeated. When the window expires, the succeeded steps are compensated.
-* Cancellation compensates the succeeded steps too (shielded), then the workflow ends cancelled.
+* Cancellation waits for steps in flight and for a running retry, compensates everything on
+  the stack (shielded), then the workflow ends cancelled. A cancel before any step started
+  writes nothing; a cancel after the operation succeeded reports the success.
+* A compensation that fails after its budget (bounded by time, not attempts) pauses the
+  operation in ``compensation_paused``: it stays open, lists what is stuck and why, and waits
+  for an operator's ``resume_compensation`` or ``abandon(reason)`` Update.
 
 Events (started, the outcome, completed or failed) are queued in the outbox through an activity,
-with ids from ``workflow.uuid4()`` so that a replay produces the same events. The search
+with ids from ``workflow.uuid4()`` so that a replay produces the same events. Event writes are
+bounded by time (24 h); one that still fails is listed in ``undelivered_events``, never dropped
+silently.
+
+Replay safety: users upgrade workers while operations run, so every behaviour change below is
+guarded by ``workflow.patched`` with the reason beside it, and every committed golden history
+(tests/histories) keeps replaying. The search
 attributes ``OnexOperation``, ``OnexStatus`` and ``NodeId`` stay current, and the memo holds the
 per-backend summary the Temporal UI shows.
 """
@@ -19,6 +30,7 @@ per-backend summary the Temporal UI shows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +55,25 @@ with workflow.unsafe.imports_passed_through():
     from workflows.saga import Compensation, Saga
 
 
+# Patch ids: each names one behaviour change. Never rename or reuse one; remove a patch only
+# when no workflow that started before it can still be running (see docs/operations.md).
+# A cancel seen while the started event was being queued used to run both steps, then undo them.
+PATCH_CANCEL_BEFORE_STEPS = "onex-cancel-before-steps-writes-nothing"
+# A cancel during the last events of a successful operation used to report an undo that never ran.
+PATCH_CANCEL_AFTER_SUCCESS = "onex-cancel-after-success-reports-success"
+# A cancel during a retry_failed Update used to compensate before the retried step had ended,
+# so that step's compensation was never pushed and its effect stayed behind.
+PATCH_CANCEL_WAITS_FOR_RETRY = "onex-cancel-waits-for-running-retry"
+# Event writes used to give up after the event policy's attempts and drop the event.
+PATCH_PATIENT_EVENTS = "onex-events-bounded-by-time"
+# A failed compensation used to end the workflow; it now pauses for an operator.
+PATCH_COMPENSATION_PAUSE = "onex-compensation-pauses-for-operator"
+
+PATIENT_BUDGET = timedelta(hours=24)
+"""How long an event write or a compensation keeps trying before it asks for an operator."""
+PATIENT_MAX_INTERVAL = timedelta(minutes=5)
+"""The longest wait between two attempts of a patient activity."""
+
 WORKFLOW_STARTED = TopicName.REGISTRY_WORKFLOW_STARTED
 WORKFLOW_COMPLETED = TopicName.REGISTRY_WORKFLOW_COMPLETED
 WORKFLOW_FAILED = TopicName.REGISTRY_WORKFLOW_FAILED
@@ -64,6 +95,13 @@ class OperationWorkflow:
         # workflow compensates and ends cancelled.
         self._cancel_requested = False
         self._failed_compensations: list[str] = []
+        self._reason: str | None = None
+        self._undelivered_events: list[str] = []
+        self._emitted: set[str] = set()
+        # Operator decisions while paused: resume re-runs the stuck compensations, abandon ends.
+        self._resume_requested = False
+        self._abandon_reason: str | None = None
+        self._compensation_rounds = 0
 
     @workflow.run
     async def run(self, operation: OperationInput) -> OperationResult:
@@ -74,6 +112,8 @@ class OperationWorkflow:
         self._publish_attributes(initial=True)
         try:
             await self._emit(WORKFLOW_STARTED)
+            if self._cancel_requested and workflow.patched(PATCH_CANCEL_BEFORE_STEPS):
+                raise asyncio.CancelledError("cancelled before any step started")
             await self._run_steps([step.backend for step in operation.plan.steps])
             self._aggregate()
             if self._status is OperationStatus.PARTIAL:
@@ -84,9 +124,16 @@ class OperationWorkflow:
         except asyncio.CancelledError:
             workflow.logger.info("cancelled: compensating the steps that succeeded")
             self._cancel_requested = True
+            if workflow.patched(PATCH_CANCEL_WAITS_FOR_RETRY):
+                # The retried step must end (and push its compensation) before the stack drains.
+                await workflow.wait_condition(lambda: not self._retrying)
             await self._compensate()
         await self._finish()
         if self._cancel_requested:
+            if self._status is OperationStatus.SUCCESS and workflow.patched(
+                PATCH_CANCEL_AFTER_SUCCESS
+            ):
+                return self.status()  # the cancel came after the work was done: nothing undone
             raise asyncio.CancelledError("the operation was cancelled; succeeded steps were undone")
         if self._status is OperationStatus.COMPENSATION_FAILED:
             raise ApplicationError(
@@ -112,6 +159,8 @@ class OperationWorkflow:
             duration_ms=round((workflow.now() - started).total_seconds() * 1000, 3),
             failed_backends=self._failed_backends(),
             failed_compensations=list(self._failed_compensations),
+            reason=self._reason,
+            undelivered_events=list(self._undelivered_events),
         )
 
     @workflow.update
@@ -152,6 +201,39 @@ class OperationWorkflow:
                 f"backend {backend!r} did not fail ({self._results[backend].status.value}); "
                 f"failed backends: {', '.join(self._failed_backends()) or 'none'}"
             )
+
+    @workflow.update
+    async def resume_compensation(self) -> OperationResult:
+        """Re-run the stuck compensations of a paused operation (after the cause is fixed)."""
+        round_before = self._compensation_rounds
+        self._resume_requested = True
+        await workflow.wait_condition(lambda: self._compensation_rounds > round_before)
+        return self.status()
+
+    @resume_compensation.validator
+    def _validate_resume(self) -> None:
+        self._require_paused("resume")
+
+    @workflow.update
+    async def abandon(self, reason: str) -> OperationResult:
+        """Give up on the stuck compensations: the operation ends compensation_failed."""
+        self._abandon_reason = reason
+        await workflow.wait_condition(
+            lambda: self._status is not OperationStatus.COMPENSATION_PAUSED
+        )
+        return self.status()
+
+    @abandon.validator
+    def _validate_abandon(self, reason: str) -> None:
+        self._require_paused("abandon")
+        if not reason.strip():
+            raise ValueError("abandon needs a reason: say why the stuck work may stay behind")
+
+    def _require_paused(self, action: str) -> None:
+        if self._status is not OperationStatus.COMPENSATION_PAUSED:
+            raise ValueError(f"nothing to {action}: the operation is {self._status.value}")
+        if self._resume_requested or self._abandon_reason is not None:
+            raise ValueError(f"nothing to {action}: an operator decision is being carried out")
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -283,22 +365,64 @@ class OperationWorkflow:
 
     async def _compensate(self) -> None:
         self._compensating = True
-        compensated, failed = await self._saga.compensate(self._activity)
-        for backend in compensated:
-            self._results[backend] = self._results[backend].model_copy(
-                update={"status": StepStatus.COMPENSATED, "success": False}
+        pausing = workflow.patched(PATCH_COMPENSATION_PAUSE)
+        any_compensated = False
+        while True:
+            compensated, failed = await self._saga.compensate(
+                self._activity, _patient_compensation if pausing else None
             )
-        for backend in failed:
-            self._results[backend] = self._results[backend].model_copy(
-                update={"status": StepStatus.COMPENSATION_FAILED}
-            )
-        self._failed_compensations = failed
-        if failed:
+            self._compensation_rounds += 1
+            any_compensated = any_compensated or bool(compensated)
+            for backend in compensated:
+                self._results[backend] = self._results[backend].model_copy(
+                    update={"status": StepStatus.COMPENSATED, "success": False}
+                )
+            for entry in failed:
+                self._results[entry.backend] = self._results[entry.backend].model_copy(
+                    update={"status": StepStatus.COMPENSATION_FAILED}
+                )
+            self._failed_compensations = [entry.backend for entry in failed]
+            if not failed or not pausing or not await self._pause():
+                break
+            for entry in reversed(failed):  # the same order as before: newest on top
+                self._saga.push(entry)
+        if self._failed_compensations:
             self._status = OperationStatus.COMPENSATION_FAILED
-        elif compensated:
+        elif any_compensated:
             self._status = OperationStatus.COMPENSATED
         else:
             self._status = OperationStatus.FAILED
+
+    async def _pause(self) -> bool:
+        """Wait for an operator; True to resume the stuck compensations, False if abandoned.
+
+        The failure event goes out now: downstream systems learn of the half-done work while
+        it waits. A cancel while paused changes nothing: only an operator can decide.
+        """
+        stuck = ", ".join(self._failed_compensations)
+        self._status = OperationStatus.COMPENSATION_PAUSED
+        self._reason = (
+            f"compensation of {stuck} failed after its budget: fix the cause, then "
+            "`onex compensate <workflow-id> --resume`, or `--abandon --reason ...`"
+        )
+        self._publish_attributes()
+        plan = self._require_input().plan
+        if plan.on_failure_event and plan.on_failure_event not in self._emitted:
+            await self._emit(plan.on_failure_event)
+        while True:
+            try:
+                await workflow.wait_condition(
+                    lambda: self._resume_requested or self._abandon_reason is not None
+                )
+                break
+            except asyncio.CancelledError:
+                self._cancel_requested = True
+        if self._abandon_reason is not None:
+            self._reason = f"abandoned by an operator: {self._abandon_reason}"
+            return False
+        self._resume_requested = False
+        self._reason = None
+        return True
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -307,13 +431,13 @@ class OperationWorkflow:
         plan = self._require_input().plan
         succeeded = self._status is OperationStatus.SUCCESS
         outcome_event = plan.on_success_event if succeeded else plan.on_failure_event
-        if outcome_event:
+        if outcome_event and outcome_event not in self._emitted:
             await self._emit(outcome_event)
         await self._emit(WORKFLOW_COMPLETED if succeeded else WORKFLOW_FAILED)
         self._publish_attributes()
 
     async def _emit(self, topic: str) -> None:
-        """Queue an event in the outbox; a failure to do so is logged, never fatal."""
+        """Queue an event in the outbox, patiently; one that still fails is listed, not fatal."""
         operation = self._require_input()
         plan = operation.plan
         if plan.event_activity is None or plan.event_policy is None:
@@ -327,12 +451,17 @@ class OperationWorkflow:
             event_id=workflow.uuid4(),
             timestamp=workflow.now(),
         )
+        options = plan.event_policy.activity_options()
+        patient = workflow.patched(PATCH_PATIENT_EVENTS)
+        if patient:
+            options = _patient(options)
+        self._emitted.add(topic)
         try:
-            await self._activity(
-                plan.event_activity, envelope, **plan.event_policy.activity_options()
-            )
+            await self._activity(plan.event_activity, envelope, **options)
         except ActivityError as error:
             workflow.logger.warning("event %s could not be queued: %s", topic, error)
+            if patient:
+                self._undelivered_events.append(topic)
 
     def _publish_attributes(self, *, initial: bool = False) -> None:
         """Keep the search attributes and the memo's per-backend summary current.
@@ -364,6 +493,26 @@ class OperationWorkflow:
         if self._input is None:
             raise ApplicationError("the workflow has no input yet", non_retryable=True)
         return self._input
+
+
+def _patient(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` bounded by time instead of attempts, with backoff capped at a few minutes.
+
+    A short database restart must neither drop an event nor fail an undo for good.
+    """
+    retry = options["retry_policy"]
+    interval = retry.maximum_interval or PATIENT_MAX_INTERVAL
+    return {
+        **options,
+        "retry_policy": dataclasses.replace(
+            retry, maximum_attempts=0, maximum_interval=min(interval, PATIENT_MAX_INTERVAL)
+        ),
+        "schedule_to_close_timeout": PATIENT_BUDGET,
+    }
+
+
+def _patient_compensation(entry: Compensation) -> dict[str, Any]:
+    return _patient(entry.policy.activity_options())
 
 
 def _details(cause: BaseException | None) -> dict[str, Any]:

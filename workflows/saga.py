@@ -39,26 +39,32 @@ class Saga:
         self.stack = [entry for entry in self.stack if entry.backend != backend]
 
     async def compensate(
-        self, run_activity: Callable[..., Awaitable[Any]]
-    ) -> tuple[list[str], list[str]]:
-        """Run every pushed compensation, newest first; return (compensated, failed) backends.
+        self,
+        run_activity: Callable[..., Awaitable[Any]],
+        options: Callable[[Compensation], dict[str, Any]] | None = None,
+    ) -> tuple[list[str], list[Compensation]]:
+        """Run every pushed compensation, newest first; return (compensated backends, failed).
 
         ``run_activity(name, argument, **options)`` runs one activity to its end even if the
         workflow is cancelled meanwhile: a cancelled workflow must still undo what it did.
+        ``options`` gives an entry's activity options (its policy's, by default). The failed
+        entries are returned, not dropped, so that an operator can resume them.
         """
         compensated: list[str] = []
-        failed: list[str] = []
+        failed: list[Compensation] = []
         while self.stack:
             entry = self.stack.pop()
             try:
                 await run_activity(
-                    entry.activity, entry.argument, **entry.policy.activity_options()
+                    entry.activity,
+                    entry.argument,
+                    **(options(entry) if options else entry.policy.activity_options()),
                 )
             except ActivityError as error:
                 workflow.logger.warning(
                     "compensation %s of %s failed: %s", entry.activity, entry.backend, error
                 )
-                failed.append(entry.backend)
+                failed.append(entry)
             else:
                 compensated.append(entry.backend)
         return compensated, failed

@@ -159,6 +159,7 @@ class Backends:
             )
 
         async def enqueue_event(envelope: EventEnvelope) -> EnqueueEventResult:
+            await self._call("postgres.enqueue_event", envelope, None)  # raises if scripted to
             self.events.append(envelope)
             return EnqueueEventResult(event_id=envelope.event_id, enqueued=True)
 
@@ -227,9 +228,14 @@ HISTORIES = Path(__file__).resolve().parents[1] / "histories"
 
 
 async def record(handle: WorkflowHandle[Any, Any], name: str) -> None:
-    """With ONEX_RECORD_HISTORIES=1 (``make record-histories``), keep the history as golden."""
-    if os.environ.get("ONEX_RECORD_HISTORIES") != "1":
+    """With ONEX_RECORD_HISTORIES=1 (``make record-histories``), keep a new history as golden.
+
+    A committed history is never overwritten: it stands for workflows that ran with earlier
+    code, and must keep replaying (delete the file first to re-record it on purpose).
+    """
+    path = HISTORIES / f"{name}.json"
+    if os.environ.get("ONEX_RECORD_HISTORIES") != "1" or path.exists():
         return
     history = await handle.fetch_history()
     HISTORIES.mkdir(exist_ok=True)
-    (HISTORIES / f"{name}.json").write_text(history.to_json() + "\n")
+    path.write_text(history.to_json() + "\n")

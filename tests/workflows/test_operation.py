@@ -7,9 +7,16 @@ Backends are scripted (see scenarios.py) behind the real activity boundary; time
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
-from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.client import (
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
+)
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from contracts.operations_io import OperationResult, OperationStatus, StepStatus
@@ -130,26 +137,83 @@ async def test_all_or_nothing_compensates_at_once(
     assert len(backends.calls["consul.undo_register_service"]) == 1
 
 
-async def test_a_failed_compensation_ends_compensation_failed_and_stays_queryable(
+async def paused(handle: WorkflowHandle[Any, OperationResult]) -> OperationResult:
+    async def is_paused() -> bool:
+        status = await handle.query(OperationWorkflow.status)
+        return status.status is OperationStatus.COMPENSATION_PAUSED
+
+    await wait_until(is_paused, within=30, what="the compensation to pause")
+    return await handle.query(OperationWorkflow.status)
+
+
+async def test_a_failed_compensation_pauses_and_an_abandon_ends_compensation_failed(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
-    """A compensation that keeps failing does not stop the others; the workflow fails with
-    CompensationFailedError naming it, and its status can still be queried."""
+    """A compensation that fails after its budget pauses the operation: it stays open, says
+    what is stuck and why, and emits the failure event once. ``abandon(reason)`` ends it
+    compensation_failed with the reason; its status can still be queried."""
     backends = Backends()
     backends.script("postgres.upsert_node", refused)
     backends.script("consul.undo_register_service", scenarios.denied)
     client = time_skipping_env.client
     async with worker(client, task_queue, backends):
         handle = await start(client, task_queue, plan(aggregation="all_or_nothing"))
+        status = await paused(handle)
+        assert status.failed_compensations == ["consul"]
+        assert status.reason
+        assert "--resume" in status.reason
+        assert statuses(status)["consul"] is StepStatus.COMPENSATION_FAILED
+        with pytest.raises(WorkflowUpdateFailedError) as blank:
+            await handle.execute_update(OperationWorkflow.abandon, " ")
+        assert "needs a reason" in str(blank.value.cause)
+        with pytest.raises(WorkflowUpdateFailedError) as no_retry:
+            await handle.execute_update(OperationWorkflow.retry_failed, "postgres")
+        assert "nothing to retry" in str(no_retry.value.cause)
+        abandoned = await handle.execute_update(
+            OperationWorkflow.abandon, "service removed by hand (ticket OPS-12)"
+        )
         with pytest.raises(WorkflowFailureError):
             await handle.result()
         result = await result_of(handle)
         queried = await handle.query(OperationWorkflow.status)
-    await record(handle, "register_compensation_failed")
+    await record(handle, "register_compensation_paused_abandoned")
+    assert abandoned.status is OperationStatus.COMPENSATION_FAILED
     assert result.status is OperationStatus.COMPENSATION_FAILED
     assert result.failed_compensations == ["consul"]
+    assert result.reason == "abandoned by an operator: service removed by hand (ticket OPS-12)"
     assert queried.status is OperationStatus.COMPENSATION_FAILED
     assert len(backends.calls["consul.undo_register_service"]) == 1, "non-retryable: once"
+    failure_events = [
+        e for e in backends.events if e.event_type == "onex.registry.node.registration_failed.v1"
+    ]
+    assert len(failure_events) == 1, "the failure event goes out once, when the undo pauses"
+
+
+async def test_a_paused_compensation_resumes_and_the_operation_ends_compensated(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """After the cause is fixed, ``resume_compensation`` re-runs only the stuck compensation
+    and the operation ends compensated; resuming a finished operation is refused."""
+    backends = Backends()
+    backends.script("postgres.upsert_node", refused)
+    backends.script(
+        "consul.undo_register_service", lambda n: scenarios.denied(n) if n == 1 else None
+    )
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan(aggregation="all_or_nothing"))
+        await paused(handle)
+        resumed = await handle.execute_update(OperationWorkflow.resume_compensation)
+        result = await handle.result()
+        with pytest.raises(RPCError):  # the workflow has closed: no update can reach it
+            await handle.execute_update(OperationWorkflow.resume_compensation)
+    await record(handle, "register_compensation_paused_resumed")
+    assert resumed.status is OperationStatus.COMPENSATED
+    assert result.status is OperationStatus.COMPENSATED
+    assert result.failed_compensations == []
+    assert statuses(result) == {"consul": StepStatus.COMPENSATED, "postgres": StepStatus.FAILED}
+    assert len(backends.calls["consul.undo_register_service"]) == 2
+    assert len(backends.calls["postgres.upsert_node"]) == 3, "the forward step is not re-run"
 
 
 async def test_cancellation_compensates_what_succeeded_including_the_step_in_flight(
@@ -320,3 +384,145 @@ async def test_cancelling_a_sequence_stops_it_and_undoes_the_step_in_flight(
     assert "cancel" in str(failure.value.cause).lower()
     assert backends.calls["postgres.upsert_node"] == [], "the sequence stopped"
     assert len(backends.calls["consul.undo_register_service"]) == 1
+
+
+async def test_a_cancel_while_the_started_event_is_queued_writes_nothing(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Cancelled before any step started (the started event was still being queued): no step
+    runs, nothing is undone, and the workflow ends cancelled."""
+    backends = Backends()
+    release = asyncio.Event()
+
+    async def slow_first_event(call: int) -> None:
+        if call == 1:
+            await release.wait()
+
+    backends.script("postgres.enqueue_event", slow_first_event)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+
+        async def queuing() -> bool:
+            return len(backends.calls["postgres.enqueue_event"]) == 1
+
+        await wait_until(queuing, within=30, what="the started event to be queued")
+        await handle.cancel()
+        release.set()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert "cancel" in str(failure.value.cause).lower()
+    for step in ("consul.register_service", "postgres.upsert_node"):
+        assert backends.calls[step] == [], f"{step} ran after the cancel"
+    assert backends.calls["consul.undo_register_service"] == []
+    assert backends.calls["postgres.restore_node"] == []
+
+
+async def test_a_cancel_after_the_operation_succeeded_reports_success(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A cancel that arrives while the completed event is queued, after both steps succeeded,
+    undoes nothing, and the operation reports its success."""
+    backends = Backends()
+    release = asyncio.Event()
+
+    async def slow_last_event(call: int) -> None:
+        if call == 3:
+            await release.wait()
+
+    backends.script("postgres.enqueue_event", slow_last_event)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+
+        async def finishing() -> bool:
+            return len(backends.calls["postgres.enqueue_event"]) == 3
+
+        await wait_until(finishing, within=30, what="the completed event to be queued")
+        await handle.cancel()
+        release.set()
+        result = await handle.result()
+    assert result.status is OperationStatus.SUCCESS
+    assert backends.calls["consul.undo_register_service"] == []
+    assert backends.calls["postgres.restore_node"] == []
+
+
+async def cancel_seen(handle: WorkflowHandle[Any, OperationResult]) -> bool:
+    """Whether a workflow task has completed since the cancel request was recorded."""
+    requested = False
+    async for event in handle.fetch_history_events():
+        if event.HasField("workflow_execution_cancel_requested_event_attributes"):
+            requested = True
+        elif requested and event.HasField("workflow_task_completed_event_attributes"):
+            return True
+    return False
+
+
+async def test_a_cancel_during_a_retry_waits_for_the_retried_step_and_undoes_it(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Cancelled while a retry_failed Update re-runs Consul: the workflow waits for that step to
+    end, then undoes it together with PostgreSQL, and ends cancelled with nothing left behind."""
+    backends = Backends()
+    release = asyncio.Event()
+
+    async def consul(call: int) -> None:
+        if call <= 3:
+            refused(call)
+        await release.wait()
+
+    backends.script("consul.register_service", consul)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+
+        async def partial() -> bool:
+            return (await handle.query(OperationWorkflow.status)).status is OperationStatus.PARTIAL
+
+        await wait_until(partial, within=30, what="the operation to become partial")
+        await handle.start_update(
+            OperationWorkflow.retry_failed, "consul", wait_for_stage=WorkflowUpdateStage.ACCEPTED
+        )
+
+        async def retrying() -> bool:
+            return len(backends.calls["consul.register_service"]) == 4
+
+        await wait_until(retrying, within=30, what="the retried step to start")
+        await handle.cancel()
+        await wait_until(
+            lambda: cancel_seen(handle), within=30, what="the workflow to act on the cancel"
+        )
+        release.set()  # the retried step ends only after the workflow has seen the cancel
+        with pytest.raises(WorkflowFailureError):
+            await handle.result()
+        status = await handle.query(OperationWorkflow.status)
+    await record(handle, "register_cancelled_during_retry")
+    assert len(backends.calls["consul.undo_register_service"]) == 1, "the retried step is undone"
+    assert len(backends.calls["postgres.restore_node"]) == 1
+    assert status.status is OperationStatus.COMPENSATED
+    assert statuses(status) == {
+        "consul": StepStatus.COMPENSATED,
+        "postgres": StepStatus.COMPENSATED,
+    }
+
+
+async def test_an_event_write_that_outlasts_its_attempts_is_not_dropped(
+    time_skipping_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """A database restart as the operation ends fails the registered event's write three times
+    (all of the event policy's attempts): the write is bounded by time, so the event is queued
+    once the database is back, and nothing is listed as undelivered. (Three, not more: the
+    scripted breaker opens at five, and its clock does not skip with the test server's.)"""
+    backends = Backends()
+    backends.script("postgres.enqueue_event", lambda n: refused(n) if 2 <= n <= 4 else None)
+    client = time_skipping_env.client
+    async with worker(client, task_queue, backends):
+        handle = await start(client, task_queue, plan())
+        result = await handle.result()
+    assert result.undelivered_events == []
+    assert result.status is OperationStatus.SUCCESS
+    assert [e.event_type for e in backends.events] == [
+        "onex.registry.workflow.started.v1",
+        "onex.registry.node.registered.v1",
+        "onex.registry.workflow.completed.v1",
+    ]
