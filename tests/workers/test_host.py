@@ -18,18 +18,13 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.postgres import APPLICATION_NAME
+from activities.postgres import APPLICATION_NAME, PostgresHandler
+from activities.settings import KafkaSettings, PostgresSettings, SecretsSettings
 from activities.vault import SecretResolver
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
 from tests.support import wait_until
 from workers.host import WorkerHost, WorkerStartError
-from workers.settings import (
-    KafkaSettings,
-    OnexSettings,
-    PostgresSettings,
-    SecretsSettings,
-    WorkerSettings,
-)
+from workers.settings import OnexSettings, WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = ["activities.", "tests.plugins."]
@@ -213,9 +208,13 @@ async def test_outbox_relay_listens_outside_the_pool(
     secrets = SecretResolver(SecretsSettings(env_fallback=False))
     host = WorkerHost(settings, temporal_env.client, secrets=secrets)
     report = await host.start()
-    assert "outbox relay (postgres -> kafka)" in report.services
-    assert host.relay.listen_connect is not None
-    pool = await host.relay.pool()
+    assert "outbox relay (postgres -> kafka)" in report.services, (
+        "the PostgreSQL handler declares the relay when the Kafka handler offers its publisher: "
+        "check PostgresHandler.background_services and KafkaHandler.offers"
+    )
+    [postgres] = [hosted.instance for hosted in host.handlers if hosted.name == "postgres"]
+    assert isinstance(postgres, PostgresHandler)
+    pool = await postgres.current_pool()
     stop = asyncio.Event()
     serving = asyncio.create_task(host.run(stop))
     try:
