@@ -71,10 +71,13 @@ from activities.base import (
     HandlerDescription,
     HandlerResources,
     SecretSource,
+    secret_or_setting,
 )
 from activities.resilience.classify import classify
 from activities.resilience.correlation import current_correlation_id
+from activities.resilience.refresh import refresh_once
 from activities.resilience.sanitize import register_secret
+from activities.settings import ConsulSettings
 from contracts.errors import ConfigurationError, ErrorContext, Transport
 from contracts.registry import (
     CompensationInput,
@@ -233,14 +236,18 @@ class ConsulHandler(HandlerBase):
     """
 
     transport = Transport.CONSUL
+    settings_type = ConsulSettings
+    secret_names = (TOKEN_SECRET,)
 
-    def __init__(self, resources: HandlerResources) -> None:
+    def __init__(self, resources: HandlerResources[ConsulSettings]) -> None:
         super().__init__(resources)
-        self._settings = resources.settings.consul
+        self._settings = resources.settings
         self._factory: Callable[..., Any] = resources.clients.get(CLIENT_FACTORY, _default_factory)
         self._client: _Client | None = None
         # Serializes creating and replacing the client (never held while a request runs).
         self._client_lock = asyncio.Lock()
+        # Bumped by every rebuild, so that concurrent refusals lead to one rebuild, not many.
+        self._client_generation = 0
         self._acl_origin = "none"
         self._datacenters: list[str] = []
 
@@ -411,23 +418,23 @@ class ConsulHandler(HandlerBase):
 
     async def _run(self, work: Callable[[Any], Awaitable[T]]) -> T:
         """``work(client)`` once; after a refused token, refresh it and try once more."""
-        client: _Client | None = None
-        try:
-            client = await self._current_client()
-            return await self._attempt(client, work)
-        except consul_base.ACLPermissionDenied as refused:
-            secrets = self.resources.secrets
-            if secrets is None:
-                raise
-            logger.warning(
-                "consul_token_refused",
-                target=self.target,
-                datacenter=self.datacenter,
-                error_type=type(refused).__name__,
-                action="refresh token, rebuild client, retry once",
-            )
-            client = await self._replace_client(client, secrets)
-        return await self._attempt(client, work)
+
+        async def attempt() -> T:
+            return await self._attempt(await self._current_client(), work)
+
+        secrets = self.resources.secrets
+        seen = self._client_generation
+        return await refresh_once(
+            attempt,
+            refused=consul_base.ACLPermissionDenied,
+            refresh=None
+            if secrets is None
+            else functools.partial(self._replace_client, seen, secrets),
+            event="consul_token_refused",
+            target=self.target,
+            datacenter=self.datacenter,
+            action="refresh token, rebuild client, retry once",
+        )
 
     async def _attempt(self, client: _Client, work: Callable[[Any], Awaitable[T]]) -> T:
         # consul.aio has no timeout of its own: bound the attempt's calls together.
@@ -441,17 +448,17 @@ class ConsulHandler(HandlerBase):
                     self._client = await self._create_client()
         return self._client
 
-    async def _replace_client(self, stale: _Client | None, secrets: SecretSource) -> _Client:
-        """A client built with a freshly resolved token, unless another call already did."""
+    async def _replace_client(self, seen_generation: int, secrets: SecretSource) -> None:
+        """Build the client again with a freshly resolved token, unless a call that met the
+        same refusal already did (the client's generation moved on since ``seen_generation``)."""
         async with self._client_lock:
-            if self._client is not stale and self._client is not None:
-                return self._client  # replaced meanwhile, by a call that refreshed already
+            if self._client_generation != seen_generation:
+                return
             await secrets.refresh(TOKEN_SECRET)
-            fresh = await self._create_client()
-            self._client = fresh
+            stale, self._client = self._client, await self._create_client()
+            self._client_generation += 1
         if stale is not None:
             await _close_client(stale)
-        return fresh
 
     async def _create_client(self) -> _Client:
         settings = self._settings
@@ -478,16 +485,12 @@ class ConsulHandler(HandlerBase):
 
     async def _token(self) -> SecretStr | None:
         """From the secret store when there is one and it knows the name, else the settings."""
-        secrets = self.resources.secrets
-        value = None
-        if secrets is not None:
-            value = await secrets.get_secret(TOKEN_SECRET, required=False)
-        if value is None:
-            token = self._settings.token
-            self._acl_origin = "settings" if token is not None else "none"
+        setting = self._settings.token
+        token = await secret_or_setting(self.resources.secrets, TOKEN_SECRET, setting)
+        if token is None:
+            self._acl_origin = "none"
         else:
-            token = value if isinstance(value, SecretStr) else SecretStr(str(value))
-            self._acl_origin = "secret store"
+            self._acl_origin = "settings" if token is setting else "secret store"
         register_secret(token)  # scrubbed from any message that would quote it
         return token
 

@@ -1,7 +1,7 @@
 """Kafka: the event publisher, the ``kafka`` handler, and the consumer helper (SPEC §5).
 
 * :class:`EventPublisher` owns one ``AIOKafkaProducer`` (``acks="all"``; idempotence, request
-  timeout, client id and SASL/PLAIN from :class:`~workers.settings.KafkaSettings`). Every publish
+  timeout, client id and SASL/PLAIN from :class:`~activities.settings.KafkaSettings`). Every publish
   passes through a circuit breaker **per topic** (``kafka:<catalog topic>`` in the process's
   :class:`~activities.resilience.breaker.BreakerRegistry`, default settings 3 failures / 20 s).
   Only transport failures (connection, timeout, unavailable, as decided by
@@ -34,28 +34,35 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from activities.base import HandlerBase, HandlerConfig, HandlerResources, SecretSource
+from activities.base import (
+    HandlerBase,
+    HandlerConfig,
+    HandlerResources,
+    SecretSource,
+    secret_or_setting,
+)
 from activities.resilience.breaker import BreakerRegistry, CircuitBreaker
 from activities.resilience.classify import classify
 from activities.resilience.correlation import correlation_scope, kafka_headers
 from activities.resilience.sanitize import register_secret, sanitize_exception, sanitize_text
+from activities.settings import KafkaSettings
 from contracts.errors import ErrorContext, Transport
 from contracts.events import EventEnvelope
 from contracts.resilience import BreakerSettings, default_policy
 from contracts.topics import TOPICS_BY_NAME
-from workers.settings import KafkaSettings
 
 __all__ = [
+    "EVENT_PUBLISHER",
+    "SASL_PASSWORD_SECRET",
     "DedupingConsumer",
     "EventPublisher",
     "IdempotencyStore",
@@ -70,6 +77,8 @@ logger = structlog.get_logger("onex.kafka")
 
 CONSUMER_MIN_REQUEST_MS = 40_000  # aiokafka's consumer default, above its 10 s session timeout
 SASL_PASSWORD_SECRET = "kafka.sasl.password"  # noqa: S105 - a logical secret name, not a secret
+EVENT_PUBLISHER = "kafka.event_publisher"
+"""The name under which :class:`KafkaHandler` offers its :class:`EventPublisher` to peers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +107,9 @@ async def client_options(kafka: KafkaSettings, secrets: SecretSource | None) -> 
         "request_timeout_ms": kafka.request_timeout_ms,
     }
     if kafka.sasl_username:
-        password: Any = None
-        if secrets is not None:  # the store when it knows the name, else the settings
-            password = await secrets.get_secret(SASL_PASSWORD_SECRET, required=False)
-        if password is None:
-            password = kafka.sasl_password
-        if isinstance(password, SecretStr):
-            password = password.get_secret_value()
-        if password is not None:
-            register_secret(password)  # scrubbed from any text that reaches a log
+        secret = await secret_or_setting(secrets, SASL_PASSWORD_SECRET, kafka.sasl_password)
+        password = None if secret is None else secret.get_secret_value()
+        register_secret(password)  # scrubbed from any text that reaches a log
         options.update(
             security_protocol="SASL_PLAINTEXT",
             sasl_mechanism="PLAIN",
@@ -194,26 +197,14 @@ class EventPublisher:
         """
         if not breaker:
             return await self._send(topic, value, key, headers)
-        guard = self.breaker(topic)
-        probe = guard.acquire()
-        started = time.perf_counter()
-        try:
-            record = await self._send(topic, value, key, headers)
-        except asyncio.CancelledError:
-            guard.release(probe)
-            raise
-        except Exception as exc:
-            context = ErrorContext(transport=Transport.KAFKA, operation="publish", target=topic)
-            if classify(exc, context).transport_failure:
-                guard.record_failure(probe)
-            else:  # the broker answered (e.g. refused the record): it is up
-                guard.record_success(probe, time.perf_counter() - started)
-            raise
-        except BaseException:
-            guard.release(probe)
-            raise
-        guard.record_success(probe, time.perf_counter() - started)
-        return record
+        context = ErrorContext(transport=Transport.KAFKA, operation="publish", target=topic)
+
+        def transport_failure(exc: Exception) -> bool:
+            # The broker answering (e.g. refusing the record) says it is up.
+            return classify(exc, context).transport_failure
+
+        async with self.breaker(topic).guard(is_failure=transport_failure):
+            return await self._send(topic, value, key, headers)
 
     async def publish_envelope(
         self, envelope: EventEnvelope, *, breaker: bool = True
@@ -270,14 +261,18 @@ class KafkaHandler(HandlerBase):
 
     It uses the process's shared :class:`EventPublisher` (``resources.clients["kafka.publisher"]``)
     when the composition root made one, else its own, started at ``initialize`` (a broker that
-    is down is only logged there) and stopped at ``shutdown``.
+    is down is only logged there) and stopped at ``shutdown``. It lends the publisher to the
+    other handlers (:meth:`offers`), so the outbox relay publishes through the same breakers.
     """
 
     transport = Transport.KAFKA
+    settings_type = KafkaSettings
+    secret_names = (SASL_PASSWORD_SECRET,)
     CLIENT_KEY = "kafka.publisher"
 
-    def __init__(self, resources: HandlerResources) -> None:
+    def __init__(self, resources: HandlerResources[KafkaSettings]) -> None:
         super().__init__(resources)
+        self._settings = resources.settings
         self._publisher: EventPublisher | None = None
         self._owns_publisher = False
 
@@ -299,13 +294,16 @@ class KafkaHandler(HandlerBase):
             else:
                 policy = self.config.policy if self.config else default_policy(Transport.KAFKA)
                 self._publisher = EventPublisher(
-                    self.resources.settings.kafka,
+                    self._settings,
                     self.resources.breakers,
                     secrets=self.resources.secrets,
                     breaker_settings=policy.circuit_breaker,
                 )
                 self._owns_publisher = True
         return self._publisher
+
+    def offers(self) -> Mapping[str, object]:
+        return {EVENT_PUBLISHER: self.publisher}
 
     async def initialize(self, config: HandlerConfig) -> None:
         await super().initialize(config)

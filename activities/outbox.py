@@ -76,13 +76,22 @@ import structlog
 
 from activities.kafka import envelope_headers
 from activities.migrate import TARGET
-from activities.resilience.breaker import CircuitOpenError
+from activities.resilience.breaker import CircuitOpenError, StateChange
 from activities.resilience.classify import classify
+from activities.resilience.correlation import current_correlation_id
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import ConfigurationError, ErrorContext, InfraError, Transport
-from contracts.events import EventEnvelope
+from contracts.events import EventEnvelope, new_envelope
+from contracts.topics import TopicName
 
-__all__ = ["CHANNEL", "DrainResult", "OutboxRelay", "Publisher", "enqueue"]
+__all__ = [
+    "CHANNEL",
+    "DrainResult",
+    "OutboxRelay",
+    "Publisher",
+    "StateChangeEvents",
+    "enqueue",
+]
 
 CHANNEL = "onex_outbox"
 LAST_ERROR_LENGTH = 300
@@ -458,3 +467,39 @@ def _terminate(connection: Any) -> None:
         connection.terminate()
     except Exception as exc:
         logger.warning("outbox_unlisten_failed", error=sanitize_exception(exc))
+
+
+class StateChangeEvents:
+    """A breaker listener queueing ``onex.infra.circuit_breaker.state_changed.v1`` in the outbox.
+
+    Listeners are synchronous and run inside the breaker's caller, so the write is a task of
+    its own; losing one (the database is away too) is logged, never raised into the call.
+    """
+
+    TOPIC = TopicName.INFRA_CIRCUIT_BREAKER_STATE_CHANGED
+
+    def __init__(self, enqueue_event: Callable[[EventEnvelope], Awaitable[object]]) -> None:
+        self._enqueue_event = enqueue_event
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, change: StateChange) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a transition outside the event loop (a thread): log only
+            return
+        task = loop.create_task(self._enqueue(change))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _enqueue(self, change: StateChange) -> None:
+        envelope = new_envelope(
+            self.TOPIC, change.payload(), correlation_id=current_correlation_id() or uuid.uuid4()
+        )
+        try:
+            await self._enqueue_event(envelope)
+        except Exception as exc:
+            logger.warning(
+                "breaker_event_not_queued",
+                breaker=change.service_name,
+                error=sanitize_exception(exc),
+            )

@@ -56,27 +56,33 @@ command timeout (``query_timeout``); waiting for a connection is bounded by ``co
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar, cast
 
 import asyncpg
 import structlog
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
 from activities.base import (
+    BackgroundService,
     HandlerBase,
     HandlerConfig,
     HandlerDescription,
     HandlerResources,
     SecretSource,
+    secret_or_setting,
 )
+from activities.kafka import EVENT_PUBLISHER
 from activities.migrate import TARGET, migrate
-from activities.outbox import enqueue
+from activities.outbox import OutboxRelay, Publisher, StateChangeEvents, enqueue
+from activities.resilience.breaker import Listener
 from activities.resilience.correlation import current_correlation_id
-from activities.resilience.sanitize import register_secret
+from activities.resilience.refresh import refresh_once
+from activities.settings import PostgresSettings
 from contracts.errors import ConfigurationError, ErrorContext, Transport
 from contracts.events import EventEnvelope
 from contracts.registry import (
@@ -92,7 +98,6 @@ from contracts.registry import (
     RestoreNodeResult,
     UpsertNodeResult,
 )
-from workers.settings import PostgresSettings
 
 __all__ = [
     "PASSWORD_SECRET",
@@ -270,18 +275,24 @@ class PostgresHandler(HandlerBase):
     """
 
     transport = Transport.DATABASE
+    settings_type = PostgresSettings
+    secret_names = (PASSWORD_SECRET,)
 
-    def __init__(self, resources: HandlerResources) -> None:
+    def __init__(self, resources: HandlerResources[PostgresSettings]) -> None:
         super().__init__(resources)
-        self._settings = resources.settings.postgres
+        self._settings = resources.settings
         injected = resources.clients.get(POOL_CLIENT)
         self._pool: Any = injected
         self._owns_pool = injected is None
+        # With a pool or a pool factory injected, the settings need not say where to connect.
+        self._settings_connect = injected is None and POOL_FACTORY_CLIENT not in resources.clients
         self._pool_factory: Callable[..., Awaitable[Any]] = resources.clients.get(
             POOL_FACTORY_CLIENT, asyncpg.create_pool
         )
         # Serializes creating and replacing the pool (never held while a statement runs).
         self._pool_lock = asyncio.Lock()
+        # Bumped by every rebuild, so that concurrent refusals lead to one rebuild, not many.
+        self._pool_generation = 0
         self._migrations_applied: list[str] = []
 
     @property
@@ -306,6 +317,27 @@ class PostgresHandler(HandlerBase):
         pool, self._pool = self._pool, None
         if pool is not None:
             await _close_pool(pool, timeout_seconds)
+
+    def background_services(self, offered: Mapping[str, object]) -> Mapping[str, BackgroundService]:
+        """The outbox relay, when a peer offers an event publisher (the ``kafka`` handler).
+
+        It LISTENs on a connection of its own, outside the pool, so a pool rebuilt after a
+        credential refresh never waits for it; unless the settings do not say where to connect
+        (an injected pool or factory): then it holds one of the pool's connections.
+        """
+        publisher = offered.get(EVENT_PUBLISHER)
+        if publisher is None:
+            return {}
+        relay = OutboxRelay(
+            self.current_pool,
+            cast("Publisher", publisher),  # KafkaHandler offers its EventPublisher by this name
+            listen_connect=self.connect_unpooled if self._settings_connect else None,
+        )
+        return {"outbox relay (postgres -> kafka)": relay.run}
+
+    def breaker_listeners(self) -> Sequence[Listener]:
+        """Every breaker transition in the worker is announced as an event, through the outbox."""
+        return (StateChangeEvents(self.enqueue_event),)
 
     def describe(self) -> HandlerDescription:
         settings = self._settings
@@ -415,22 +447,23 @@ class PostgresHandler(HandlerBase):
 
     async def _run(self, work: Callable[[Any], Awaitable[T]], *, transaction: bool = False) -> T:
         """``work(connection)`` once; after a refused password, refresh it and try once more."""
-        pool: Any = None
-        try:
-            pool = await self._current_pool()
-            return await self._on_connection(pool, work, transaction)
-        except _AUTH_ERRORS as refused:
-            secrets = self.resources.secrets
-            if secrets is None or not self._owns_pool:
-                raise
-            logger.warning(
-                "postgres_credentials_refused",
-                target=self.target,
-                error_type=type(refused).__name__,
-                action="refresh password, rebuild pool, retry once",
-            )
-            pool = await self._replace_pool(pool, secrets)
-        return await self._on_connection(pool, work, transaction)
+
+        async def attempt() -> T:
+            return await self._on_connection(await self._current_pool(), work, transaction)
+
+        secrets = self.resources.secrets
+        seen = self._pool_generation
+        return await refresh_once(
+            attempt,
+            refused=_AUTH_ERRORS,
+            # An injected pool is used as it is: whoever made it owns its credentials.
+            refresh=functools.partial(self._replace_pool, seen, secrets)
+            if secrets is not None and self._owns_pool
+            else None,
+            event="postgres_credentials_refused",
+            target=self.target,
+            action="refresh password, rebuild pool, retry once",
+        )
 
     async def _on_connection(
         self, pool: Any, work: Callable[[Any], Awaitable[T]], transaction: bool
@@ -452,28 +485,32 @@ class PostgresHandler(HandlerBase):
                     self._pool = await self._create_pool()
         return self._pool
 
-    async def _replace_pool(self, stale: Any, secrets: SecretSource) -> Any:
-        """A pool built with a freshly resolved password, unless another call already did."""
+    async def _replace_pool(self, seen_generation: int, secrets: SecretSource) -> None:
+        """Build the pool again with a freshly resolved password, unless a call that met the
+        same refusal already did (the pool's generation moved on since ``seen_generation``)."""
         async with self._pool_lock:
-            if self._pool is not stale and self._pool is not None:
-                return self._pool  # replaced meanwhile, by a call that refreshed already
+            if self._pool_generation != seen_generation:
+                return
             await secrets.refresh(PASSWORD_SECRET)
-            fresh = await self._create_pool()
-            self._pool = fresh
+            stale, self._pool = self._pool, await self._create_pool()
+            self._pool_generation += 1
         if stale is not None:
             await _close_pool(stale, self._settings.query_timeout)
-        return fresh
 
     async def connect_unpooled(self) -> Any:
         """A connection outside the pool (for LISTEN), with the pool's parameters and password;
         a refused password is refreshed and tried once more, as for the pool."""
-        try:
-            return await self._connect_once()
-        except _AUTH_ERRORS:
-            if self.resources.secrets is None:
-                raise
-            await self.resources.secrets.refresh(PASSWORD_SECRET)
-        return await self._connect_once()
+        secrets = self.resources.secrets
+        return await refresh_once(
+            self._connect_once,
+            refused=_AUTH_ERRORS,
+            refresh=None
+            if secrets is None
+            else functools.partial(secrets.refresh, PASSWORD_SECRET),
+            event="postgres_credentials_refused",
+            target=self.target,
+            action="refresh password, reconnect once",
+        )
 
     async def _connect_once(self) -> Any:
         password = await self._password()
@@ -509,14 +546,7 @@ async def resolve_password(
 ) -> SecretStr | None:
     """The registry's password: from the secret store when it knows the name, else the
     settings. Every command and service that connects uses this one rule."""
-    value = None
-    if secrets is not None:
-        value = await secrets.get_secret(PASSWORD_SECRET, required=False)
-    if value is None:
-        return settings.password
-    password = value if isinstance(value, SecretStr) else SecretStr(str(value))
-    register_secret(password)  # scrubbed from any message that would quote it
-    return password
+    return await secret_or_setting(secrets, PASSWORD_SECRET, settings.password)
 
 
 def _connection_options(settings: PostgresSettings) -> dict[str, Any]:

@@ -29,22 +29,30 @@ replaced by an AppRole login (when configured) and the call tried once more.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import hvac
 import structlog
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from activities.resilience.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError
+from activities.resilience.breaker import (
+    BreakerRegistry,
+    CircuitBreaker,
+    CircuitOpenError,
+    is_transport_failure,
+)
 from activities.resilience.classify import classify
 from activities.resilience.correlation import current_correlation_id
+from activities.resilience.refresh import refresh_once
 from activities.resilience.sanitize import register_secret
+from activities.settings import SecretsSettings, VaultSettings
 from contracts.errors import (
     ConfigurationError,
     ErrorContext,
@@ -55,7 +63,6 @@ from contracts.errors import (
     Transport,
 )
 from contracts.resilience import default_policy
-from workers.settings import OnexSettings, SecretsSettings, VaultSettings
 
 __all__ = [
     "ENV_FALLBACK_PREFIX",
@@ -316,45 +323,37 @@ class VaultClient:
     async def _call(self, operation: str, request: Callable[[], T], *, relogin: bool = True) -> T:
         """``request`` in a thread behind the breaker; a refused token: log in, try once more."""
         seen = self._token_generation
-        try:
-            return await self._guarded(operation, request)
-        except InfraAuthenticationError:
-            if not relogin or not self.approle_configured:
-                raise
-            logger.warning("vault_token_refused", operation=operation, action="approle login")
-            await self._relogin(seen)
-        return await self._guarded(operation, request)
+        return await refresh_once(
+            functools.partial(self._guarded, operation, request),
+            refused=InfraAuthenticationError,
+            refresh=functools.partial(self._relogin, seen)
+            if relogin and self.approle_configured
+            else None,
+            event="vault_token_refused",
+            operation=operation,
+            action="approle login",
+        )
 
     async def _guarded(self, operation: str, request: Callable[[], T]) -> T:
         context = _vault_context(operation)
-        breaker = self._breaker
+        admitted = False
         try:
-            probe = breaker.acquire()
+            # Only transport failures say Vault is unhealthy; a 403 or a 404 is an answer.
+            async with self._breaker.guard(is_failure=is_transport_failure):
+                admitted = True
+                try:
+                    return await asyncio.to_thread(request)
+                except Exception as exc:
+                    raise classify(exc, context) from exc
         except CircuitOpenError as rejected:
+            if admitted:
+                raise
             logger.warning("vault_circuit_open", operation=operation)
             raise InfraUnavailableError(
                 f"{operation} on {VAULT_TARGET} not attempted: its circuit breaker is open",
                 context=context,
                 retry_after=rejected.retry_after,
             ) from None
-        try:
-            result = await asyncio.to_thread(request)
-        except asyncio.CancelledError:
-            breaker.release(probe)
-            raise
-        except Exception as exc:
-            error = classify(exc, context)
-            # Only transport failures say Vault is unhealthy; a 403 or a 404 is an answer.
-            if error.transport_failure:
-                breaker.record_failure(probe)
-            else:
-                breaker.record_success(probe)
-            raise error from exc
-        except BaseException:
-            breaker.release(probe)
-            raise
-        breaker.record_success(probe)
-        return result
 
 
 def _vault_context(operation: str, secret: str | None = None) -> ErrorContext:
@@ -682,8 +681,18 @@ def _parse_source(name: str, spec: str) -> _Source:
 # The composition root's entry point
 
 
+class SecretStoreSettings(Protocol):
+    """The sections a secret resolver is built from (the worker's settings have both)."""
+
+    @property
+    def vault(self) -> VaultSettings: ...
+
+    @property
+    def secrets(self) -> SecretsSettings: ...
+
+
 async def build_secret_resolver(
-    settings: OnexSettings,
+    settings: SecretStoreSettings,
     *,
     breakers: BreakerRegistry | None = None,
     clock: Clock = time.monotonic,

@@ -26,18 +26,14 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
+from activities.kafka_admin import create_topics
 from activities.resilience.sanitize import forget_secrets
+from activities.settings import KafkaSettings, PostgresSettings
 from contracts.search_attributes import SEARCH_ATTRIBUTES
 from tests.support import free_port
 from workers.converter import DATA_CONVERTER
-from workers.devstack import DevStack, ServiceName, create_topics, superuser_dsn
-from workers.settings import (
-    DevSettings,
-    KafkaSettings,
-    OnexSettings,
-    PostgresSettings,
-    TemporalSettings,
-)
+from workers.devstack import DevStack, ServiceName, superuser_dsn
+from workers.settings import DevSettings, OnexSettings, TemporalSettings
 
 VENV_BIN = Path(__import__("sys").executable).parent
 

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from activities.settings import ConsulSettings, KafkaSettings, PostgresSettings
 from contracts.operations_io import OperationStatus, StepStatus
 from contracts.registry import RegisterNodeRequest
 from contracts.resilience import BreakerSettings
@@ -26,14 +27,7 @@ from tests.fakes.consul_agent import FakeConsulAgent
 from tests.support import readable_history, wait_until
 from workers.client import connect, get_status, register_node, retry_failed
 from workers.host import WorkerHost
-from workers.settings import (
-    ConsulSettings,
-    KafkaSettings,
-    OnexSettings,
-    PostgresSettings,
-    TemporalSettings,
-    WorkerSettings,
-)
+from workers.settings import OnexSettings, TemporalSettings, WorkerSettings
 from workflows import WORKFLOWS
 
 BIN = Path(sys.executable).parent

@@ -340,8 +340,8 @@ def kafka_create_topics() -> None:
     Example: ONEX_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 onex kafka create-topics
     """
     from activities.kafka import client_options
+    from activities.kafka_admin import create_topics
     from activities.vault import build_secret_resolver
-    from workers.devstack import create_topics
 
     settings = settings_or_exit()
 

@@ -37,7 +37,6 @@ import psutil
 
 from contracts.errors import InfraPermanentError
 from contracts.search_attributes import SEARCH_ATTRIBUTES
-from contracts.topics import CATALOG
 from workers.settings import OnexSettings
 
 # The PostgreSQL server refuses to run as root; when we are root it runs as this system user.
@@ -415,49 +414,14 @@ class KafkaService(Service):
             await admin.close()
 
     async def provision(self) -> None:
+        from activities.kafka_admin import create_topics  # aiokafka only when Kafka is used
+
         await create_topics(
             self.settings.kafka.bootstrap_servers, prefix=self.settings.kafka.topic_prefix
         )
 
     def endpoints(self) -> dict[str, str]:
         return {"bootstrap_servers": self.settings.kafka.bootstrap_servers}
-
-
-async def create_topics(
-    bootstrap_servers: str,
-    *,
-    prefix: str = "",
-    replication_factor: int = 1,
-    client_options: dict[str, Any] | None = None,
-) -> list[str]:
-    """Create the topic catalog (3 partitions each); topics that exist are left as they are.
-
-    ``client_options`` are extra aiokafka client arguments (SASL) for a real cluster.
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    options = {"request_timeout_ms": 10_000, **(client_options or {})}
-    options["bootstrap_servers"] = bootstrap_servers
-    admin = AIOKafkaAdminClient(**options)
-    await admin.start()
-    try:
-        wanted = [
-            NewTopic(
-                name=prefix + topic.name,
-                num_partitions=topic.partitions,
-                replication_factor=replication_factor,
-                topic_configs={"retention.ms": str(topic.retention_ms)},
-            )
-            for topic in CATALOG
-        ]
-        response = await admin.create_topics(wanted)
-        for name, code, message in response.topic_errors:
-            if code not in (0, TopicAlreadyExistsError.errno):
-                raise StackError(f"kafka: could not create topic {name}: {message} (code {code})")
-        return [topic.name for topic in wanted]
-    finally:
-        await admin.close()
 
 
 async def _http_ok(url: str) -> None:

@@ -1,10 +1,13 @@
 """``onex worker``: the composition root.
 
-settings → logging → secret resolver → breakers → handlers from contracts (each initialized,
-which connects its clients) → one activity per (handler, operation) named
-``<handler>.<operation>`` behind the activity boundary → the Temporal worker (pydantic data
-converter, correlation interceptor) → background services (the outbox relay), each supervised:
-one that fails or returns early is logged and restarted, after 1 s doubling up to 30 s.
+settings → logging → secret resolver → breakers → handlers from contracts (each given its own
+settings section and the secrets it declares, then initialized, which connects its clients) →
+one activity per (handler, operation) named ``<handler>.<operation>`` behind the activity
+boundary → the Temporal worker (pydantic data converter, correlation interceptor) → the
+background services the handlers declare (the outbox relay) and the host's own (Vault token
+renewal), each supervised: one that fails or returns early is logged and restarted, after 1 s
+doubling up to 30 s. The host knows no handler class: what runs beside the activities comes from
+the handlers' hooks (:class:`activities.base.HandlerBase`).
 
 On SIGTERM or SIGINT the worker stops polling, lets in-flight activities finish within the
 graceful shutdown timeout (30 s by default), then shuts the handlers down, closing their clients.
@@ -16,8 +19,7 @@ import asyncio
 import contextlib
 import functools
 import signal
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -28,22 +30,25 @@ from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
-from activities.base import HandlerBase, HandlerConfig, HandlerResources, SecretSource
+from activities.base import (
+    BackgroundService,
+    HandlerBase,
+    HandlerConfig,
+    HandlerResources,
+    ScopedSecrets,
+    SecretSource,
+)
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import (
     BreakerRegistry,
     MetricsListener,
-    StateChange,
     log_state_change,
 )
-from activities.resilience.correlation import current_correlation_id
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import HandlerLoadError, InfraPermanentError, Transport
-from contracts.events import new_envelope
 from contracts.registry import SkippedResult
-from contracts.topics import TopicName
 from workers.loader import LoadedHandler, load_handlers
-from workers.settings import OnexSettings
+from workers.settings import OnexSettings, SettingsError
 
 logger = structlog.get_logger("onex.worker")
 
@@ -51,8 +56,6 @@ RESTART_DELAY = 1.0
 """Seconds before a failed background service is restarted the first time (then doubled)."""
 RESTART_DELAY_MAX = 30.0
 """The longest wait between two restarts of a background service."""
-
-BackgroundService = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class WorkerStartError(InfraPermanentError, RuntimeError):
@@ -113,16 +116,17 @@ class WorkerHost:
         runtime = client.service_client.config.runtime or Runtime.default()
         listeners.append(MetricsListener(runtime.metric_meter))
         self.breakers = BreakerRegistry(listeners=listeners)
-        self.resources = HandlerResources(
-            settings=settings, breakers=self.breakers, secrets=secrets, clients=clients or {}
-        )
+        self.secrets = secrets
+        # Shared clients keyed by name (e.g. "kafka.publisher"): seams for tests and embedders.
+        self.clients = clients or {}
         self.workflows = list(workflows)
         self.handlers: list[HostedHandler] = []
         self.report = StartupReport()
         self.worker: Worker | None = None
         self._background: list[asyncio.Task[None]] = []
+        # The host's own services (Vault token renewal); the handlers' are added at start.
         self.background_services: list[BackgroundService] = []
-        self.relay: Any = None
+        self._named_services: list[tuple[str, BackgroundService]] = []
         self.closers: list[Callable[[], object]] = []
         self._stop_background = asyncio.Event()
         # A background service that fails or returns early is restarted after this delay,
@@ -149,7 +153,7 @@ class WorkerHost:
         self.report.activities = sorted(activities)
         if not activities and not self.workflows:
             raise WorkerStartError("no handler loaded and no workflow to serve: nothing to do")
-        self._wire_outbox_relay()
+        self._run_hooks()
         self.worker = Worker(
             self.client,
             task_queue=worker_settings.task_queue,
@@ -166,7 +170,7 @@ class WorkerHost:
 
     async def _initialize(self, loaded: LoadedHandler) -> HostedHandler:
         contract = loaded.contract
-        instance = loaded.handler_class(self.resources)
+        instance = loaded.handler_class(self._resources_for(loaded))
         config = HandlerConfig(
             handler_name=contract.handler_name,
             transport=Transport(contract.transport),
@@ -197,34 +201,41 @@ class WorkerHost:
             )
         return hosted
 
-    def _wire_outbox_relay(self) -> None:
-        """With PostgreSQL and Kafka both served here, relay the outbox to Kafka."""
-        from activities.kafka import KafkaHandler
-        from activities.outbox import OutboxRelay
-        from activities.postgres import POOL_CLIENT, POOL_FACTORY_CLIENT, PostgresHandler
+    def _resources_for(self, loaded: LoadedHandler) -> HandlerResources[Any]:
+        """Exactly what the handler class declares: its settings section, its secrets."""
+        handler_class = loaded.handler_class
+        name = loaded.contract.handler_name
+        settings_type = getattr(handler_class, "settings_type", None)
+        try:
+            section = None if settings_type is None else self.settings.section(settings_type)
+        except SettingsError as exc:
+            raise WorkerStartError(f"handler {name!r}: {exc}") from None
+        names = tuple(getattr(handler_class, "secret_names", ()))
+        secrets = None
+        if self.secrets is not None and names:
+            secrets = ScopedSecrets(self.secrets, names, owner=name)
+        return HandlerResources(
+            settings=section, breakers=self.breakers, secrets=secrets, clients=self.clients
+        )
 
-        postgres = next(
-            (h.instance for h in self.handlers if isinstance(h.instance, PostgresHandler)), None
-        )
-        kafka = next(
-            (h.instance for h in self.handlers if isinstance(h.instance, KafkaHandler)), None
-        )
-        if postgres is not None:
-            self.breakers.add_listener(_StateChangeEvents(postgres).queue)
-        if postgres is None or kafka is None:
-            return
-        clients = self.resources.clients
-        own_pool = POOL_CLIENT not in clients and POOL_FACTORY_CLIENT not in clients
-        # LISTEN on a connection of its own, outside the pool, unless the pool is injected (then
-        # the settings need not describe where it connects, and the relay holds a pooled one).
-        relay = OutboxRelay(
-            postgres.current_pool,
-            kafka.publisher,
-            listen_connect=postgres.connect_unpooled if own_pool else None,
-        )
-        self.relay = relay
-        self.background_services.append(relay.run)
-        self.report.services.append("outbox relay (postgres -> kafka)")
+    def _run_hooks(self) -> None:
+        """What the handlers declare beside their activities: breaker listeners, then the
+        background services, given what every handler offers the others."""
+        offered: dict[str, tuple[str, object]] = {}
+        for hosted in self.handlers:
+            for key, value in hosted.instance.offers().items():
+                if key in offered:
+                    raise WorkerStartError(
+                        f"handlers {offered[key][0]!r} and {hosted.name!r} both offer {key!r}"
+                    )
+                offered[key] = (hosted.name, value)
+        for hosted in self.handlers:
+            for listener in hosted.instance.breaker_listeners():
+                self.breakers.add_listener(listener)
+            peers = {key: value for key, (owner, value) in offered.items() if owner != hosted.name}
+            for name, service in hosted.instance.background_services(peers).items():
+                self._named_services.append((name, service))
+                self.report.services.append(name)
 
     def _activities_of(self, hosted: HostedHandler) -> dict[str, Callable[..., Any]]:
         contract = hosted.loaded.contract
@@ -253,8 +264,12 @@ class WorkerHost:
         worker = self.worker
         if worker is None:
             raise WorkerStartError("the worker was not built")
-        for service in self.background_services:
-            self._background.append(asyncio.create_task(self._supervise(service)))
+        services = [
+            *self._named_services,
+            *((_service_name(service), service) for service in self.background_services),
+        ]
+        for name, service in services:
+            self._background.append(asyncio.create_task(self._supervise(name, service)))
         try:
             async with worker:
                 logger.info(
@@ -270,7 +285,7 @@ class WorkerHost:
         finally:
             await self.shutdown()
 
-    async def _supervise(self, service: BackgroundService) -> None:
+    async def _supervise(self, name: str, service: BackgroundService) -> None:
         """Run ``service`` until the worker stops, restarting it whenever it fails or returns.
 
         A failure is logged (sanitized) and so is an early return; the restart waits
@@ -278,7 +293,6 @@ class WorkerHost:
         back to ``restart_delay`` after a run that lasted at least ``restart_delay_max``.
         """
         stop = self._stop_background
-        name = getattr(service, "__qualname__", None) or type(service).__name__
         loop = asyncio.get_running_loop()
         delay = self.restart_delay
         while not stop.is_set():
@@ -339,40 +353,8 @@ class WorkerHost:
         logger.info("worker_stopped")
 
 
-class _StateChangeEvents:
-    """Queues ``onex.infra.circuit_breaker.state_changed.v1`` in the outbox on each transition.
-
-    Listeners are synchronous and run inside the breaker's caller, so the write is a task of
-    its own; losing one (the database is away too) is logged, never raised into the call.
-    """
-
-    TOPIC = TopicName.INFRA_CIRCUIT_BREAKER_STATE_CHANGED
-
-    def __init__(self, postgres: Any) -> None:
-        self._postgres = postgres
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def queue(self, change: StateChange) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # a transition outside the event loop (a thread): log only
-            return
-        task = loop.create_task(self._enqueue(change))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _enqueue(self, change: StateChange) -> None:
-        envelope = new_envelope(
-            self.TOPIC, change.payload(), correlation_id=current_correlation_id() or uuid.uuid4()
-        )
-        try:
-            await self._postgres.enqueue_event(envelope)
-        except Exception as exc:
-            logger.warning(
-                "breaker_event_not_queued",
-                breaker=change.service_name,
-                error=sanitize_exception(exc),
-            )
+def _service_name(service: BackgroundService) -> str:
+    return getattr(service, "__qualname__", None) or type(service).__name__
 
 
 def _skipping(

@@ -1,5 +1,9 @@
 """The one settings object, read once at the entry point.
 
+The backend sections (PostgreSQL, Kafka, Consul, Vault, secrets) are defined beside the
+handlers, in :mod:`activities.settings`; this module adds the process's own sections (Temporal,
+worker, dev stack) and composes them all into :class:`OnexSettings`.
+
 Every value comes from an environment variable named ``ONEX_<SECTION>__<KEY>`` (for example
 ``ONEX_POSTGRES__PORT=5433``) or from a ``.env`` file in the working directory. The defaults point
 at the embedded stack that ``onex dev up`` starts, so nothing needs to be set on a laptop.
@@ -11,12 +15,22 @@ Secrets are ``SecretStr`` from the moment they are read: their ``repr`` and ``st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from activities.resilience.sanitize import register_secret
+from activities.settings import (
+    ConsulSettings,
+    KafkaSettings,
+    Port,
+    PostgresSettings,
+    Seconds,
+    SecretsSettings,
+    Section,
+    VaultSettings,
+)
 from contracts.errors import ConfigurationError
 
 # The built-in contracts ship inside the contracts package.
@@ -24,15 +38,10 @@ CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
 ENV_PREFIX = "ONEX_"
 ENV_NESTED_DELIMITER = "__"
 
-Port = Annotated[int, Field(ge=1, le=65535)]
-Seconds = Annotated[float, Field(gt=0)]
+S = TypeVar("S", bound=BaseModel)
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TemporalSettings(_Section):
+class TemporalSettings(Section):
     """Where the Temporal frontend is and how workflows are addressed."""
 
     host: str = "127.0.0.1"
@@ -53,92 +62,7 @@ class TemporalSettings(_Section):
         return f"http://{self.host}:{self.ui_port}"
 
 
-class PostgresSettings(_Section):
-    """The registry database (SPEC §5): one DSN, a pool of 2..10, explicit timeouts."""
-
-    host: str = "127.0.0.1"
-    port: Port = 5432
-    database: str = Field(default="onex", min_length=1)
-    user: str = Field(default="onex", min_length=1)
-    password: SecretStr | None = None
-    pool_min_size: Annotated[int, Field(ge=1, le=100)] = 2
-    pool_max_size: Annotated[int, Field(ge=1, le=100)] = 10
-    connect_timeout: Seconds = 10.0
-    query_timeout: Seconds = 30.0
-
-    @property
-    def dsn(self) -> str:
-        """A DSN without the password: asyncpg takes the password as a separate argument."""
-        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
-
-
-class KafkaSettings(_Section):
-    """The event stream: producers use ``acks=all``; idempotence is off for the embedded broker."""
-
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "onex-orchestrator"
-    topic_prefix: str = ""
-    enable_idempotence: bool = False
-    request_timeout_ms: Annotated[int, Field(ge=1000, le=300_000)] = 30_000
-    delivery_timeout_ms: Annotated[int, Field(ge=10_000, le=600_000)] = 120_000
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    # For `onex kafka create-topics` on a real cluster (the embedded broker has one node).
-    replication_factor: Annotated[int, Field(ge=1, le=10)] = 1
-
-
-class ConsulSettings(_Section):
-    """The service catalog; disabled (steps skipped, and reported so) when no address is set."""
-
-    address: str | None = None
-    scheme: Literal["http", "https"] = "http"
-    datacenter: str | None = None
-    token: SecretStr | None = None
-    timeout: Seconds = 30.0
-    # The HTTP health check registered with each node (Consul duration strings).
-    check_interval: str = Field(default="10s", pattern=r"^\d+(ms|s|m|h)$")
-    check_timeout: str = Field(default="5s", pattern=r"^\d+(ms|s|m|h)$")
-    deregister_critical_after: str = Field(default="90s", pattern=r"^\d+(ms|s|m|h)$")
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
-
-class VaultSettings(_Section):
-    """The secret store; opt-in: enabled when ``address`` is set."""
-
-    address: str | None = None
-    token: SecretStr | None = None
-    role_id: str | None = None
-    secret_id: SecretStr | None = None
-    kv_mount: str = "secret"
-    timeout: Seconds = 10.0
-    # Renew the token this long before it expires.
-    renew_before: Seconds = 300.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
-
-class SecretsSettings(_Section):
-    """Where logical secret names (``database.postgres.password``) are resolved from.
-
-    ``sources`` maps a logical name to ``env:VAR``, ``file:relative/or/absolute/path`` or
-    ``vault:path#field``. Unmapped names fall back to the environment variable
-    ``ONEX_SECRET_<NAME_WITH_UNDERSCORES>`` when ``env_fallback`` is on.
-    """
-
-    sources: dict[str, str] = Field(default_factory=dict)
-    secrets_dir: Path = Path("/run/secrets")
-    env_fallback: bool = True
-    env_ttl: Seconds = 86_400.0
-    file_ttl: Seconds = 86_400.0
-    vault_ttl: Seconds = 300.0
-
-
-class WorkerSettings(_Section):
+class WorkerSettings(Section):
     """The worker process: identity, task queue, concurrency and shutdown."""
 
     task_queue: str = Field(default="onex-orchestrator", min_length=1)
@@ -154,7 +78,7 @@ class WorkerSettings(_Section):
     metrics_address: str | None = Field(default=None, pattern=r"^[^:\s]+:\d{1,5}$")
 
 
-class DevSettings(_Section):
+class DevSettings(Section):
     """The embedded stack of ``onex dev``: where its state lives and how long to wait for it."""
 
     state_dir: Path = Path(".onex")
@@ -185,6 +109,18 @@ class OnexSettings(BaseSettings):
     secrets: SecretsSettings = SecretsSettings()
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()
+
+    def section(self, kind: type[S]) -> S:
+        """The one section of type ``kind`` (what a handler's ``settings_type`` asks for)."""
+        names = [
+            name for name, field in type(self).model_fields.items() if field.annotation is kind
+        ]
+        if len(names) != 1:
+            raise SettingsError(
+                f"{kind.__name__} must be exactly one section of OnexSettings, not {len(names)}"
+            )
+        section: S = getattr(self, names[0])
+        return section
 
     def safe_dump(self) -> dict[str, object]:
         """The settings as JSON-ready data; secrets appear only as whether they are set."""

@@ -21,7 +21,6 @@ There are no loops and no sleeps here: Temporal schedules the next attempt, afte
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import random
 import time
@@ -34,7 +33,7 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.resilience.breaker import BreakerRegistry, CircuitOpenError
+from activities.resilience.breaker import BreakerRegistry, CircuitOpenError, is_transport_failure
 from activities.resilience.classify import classify
 from activities.resilience.correlation import correlation_scope, current_correlation_id
 from activities.resilience.sanitize import redact_mapping, sanitize_text
@@ -110,10 +109,22 @@ class ActivityBoundary:
         key = self._breaker_key(*args, **kwargs) if self._breaker_key else self.target
         breaker = self.breakers.get(f"{self.transport.value}:{key}", self.policy.circuit_breaker)
         log = logger.bind(transport=self.transport.value, operation=operation, target=self.target)
-        error: InfraError
+        admitted = False
+        started = time.perf_counter()
         try:
-            probe = breaker.acquire()
+            async with breaker.guard(is_failure=is_transport_failure):
+                admitted = True
+                try:
+                    result = await function(*args, **kwargs)
+                except Exception as exc:
+                    # Classified inside the guard: only transport failures count against it.
+                    error = classify(exc, context)
+                    if error is exc:
+                        raise
+                    raise error from exc
         except CircuitOpenError as rejected:
+            if admitted:  # raised by the call itself (a nested breaker): an ordinary failure
+                raise self._failed(operation, rejected, attempt, started, log) from None
             error = InfraUnavailableError(
                 f"{operation} on {self.target} not attempted: its circuit breaker is open",
                 context=context,
@@ -122,44 +133,41 @@ class ActivityBoundary:
             log.warning("circuit_open", retry_after=round(rejected.retry_after, 3))
             _count("onex_circuit_breaker_rejections", breaker=breaker.name)
             raise self._application_error(error, attempt, rejected.retry_after) from None
-
-        started = time.perf_counter()
-        try:
-            result = await function(*args, **kwargs)
-        except asyncio.CancelledError:
-            breaker.release(probe)
-            raise
-        except Exception as exc:
-            duration = time.perf_counter() - started
-            error = classify(exc, context)
-            if error.transport_failure:
-                breaker.record_failure(probe)
-            else:  # the dependency answered: a business or request failure
-                breaker.record_success(probe, duration)
-            delay = self._retry_delay(error, attempt)
-            _count(
-                "onex_activity_failures",
-                operation=operation,
-                error_type=error.error_type,
-                retryable=str(error.retryable).lower(),
-            )
-            log.warning(
-                "operation_failed",
-                error_type=error.error_type,
-                error=sanitize_text(str(error)),
-                cause=type(exc).__name__,
-                retryable=error.retryable,
-                next_retry_delay=None if delay is None else round(delay, 3),
-                duration_ms=round(duration * 1000, 2),
-            )
-            raise self._application_error(error, attempt, delay) from None
-        except BaseException:
-            breaker.release(probe)
-            raise
-        duration = time.perf_counter() - started
-        breaker.record_success(probe, duration)
-        log.debug("operation_succeeded", duration_ms=round(duration * 1000, 2))
+        except InfraError as error:
+            raise self._failed(operation, error, attempt, started, log) from None
+        log.debug(
+            "operation_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 2)
+        )
         return result
+
+    def _failed(
+        self,
+        operation: str,
+        error: InfraError,
+        attempt: int,
+        started: float,
+        log: Any,
+    ) -> ApplicationError:
+        """Count and log a failed attempt; the ``ApplicationError`` Temporal should see."""
+        duration = time.perf_counter() - started
+        delay = self._retry_delay(error, attempt)
+        _count(
+            "onex_activity_failures",
+            operation=operation,
+            error_type=error.error_type,
+            retryable=str(error.retryable).lower(),
+        )
+        cause = error.__cause__ if error.__cause__ is not None else error
+        log.warning(
+            "operation_failed",
+            error_type=error.error_type,
+            error=sanitize_text(str(error)),
+            cause=type(cause).__name__,
+            retryable=error.retryable,
+            next_retry_delay=None if delay is None else round(delay, 3),
+            duration_ms=round(duration * 1000, 2),
+        )
+        return self._application_error(error, attempt, delay)
 
     def _retry_delay(self, error: InfraError, attempt: int) -> float | None:
         if not error.retryable:

@@ -310,3 +310,52 @@ async def test_half_open_never_admits_more_than_n_concurrent_probes(clock: FakeC
     assert peak == 3
     assert results.count("probed") == 3
     assert results.count("rejected") == 197
+
+
+async def test_guard_counts_only_what_the_predicate_calls_a_failure(clock: FakeClock) -> None:
+    """``guard(is_failure=...)``: an exception the predicate accepts is a failure, any other
+    one is a success (the dependency answered); both propagate unchanged."""
+    breaker, _ = make(clock)
+
+    def transport(exc: Exception) -> bool:
+        return isinstance(exc, ConnectionError)
+
+    with pytest.raises(ValueError, match="refused record"):
+        async with breaker.guard(is_failure=transport):
+            raise ValueError("refused record")
+    assert breaker.snapshot().total_successes == 1, "an excluded exception must count as success"
+    for _ in range(3):
+        with pytest.raises(ConnectionResetError):
+            async with breaker.guard(is_failure=transport):
+                raise ConnectionResetError
+    assert breaker.state is BreakerState.OPEN, "3 transport failures must open the breaker"
+    with pytest.raises(CircuitOpenError):
+        async with breaker.guard(is_failure=transport):
+            raise AssertionError("an open breaker must not admit the call")
+
+
+async def test_guard_frees_the_probe_slot_of_a_cancelled_call(clock: FakeClock) -> None:
+    """A probe cancelled inside the guard records no outcome and frees its half-open slot, so
+    the next call is admitted as a probe instead of being rejected."""
+    breaker, _ = make(clock, half_open_max_calls=1)
+    fail(breaker, 3)
+    clock.advance(30)
+    entered = asyncio.Event()
+
+    async def probe() -> None:
+        async with breaker.guard():
+            entered.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    task = asyncio.create_task(probe())
+    await entered.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    snapshot = breaker.snapshot()
+    assert (snapshot.half_open_in_flight, snapshot.total_failures) == (0, 3), (
+        "a cancelled probe must release its slot and record nothing: see BreakerGuard.__aexit__"
+    )
+    async with breaker.guard():
+        pass
+    assert breaker.snapshot().total_successes == 1

@@ -32,6 +32,7 @@ from activities.consul import (
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from activities.resilience.correlation import correlation_scope
+from activities.settings import ConsulSettings
 from contracts.errors import ConfigurationError, InfraConnectionError, Transport
 from contracts.registry import (
     CompensationInput,
@@ -42,7 +43,6 @@ from contracts.resilience import default_policy
 from tests.builders import compensation, deregister_request, register_request
 from tests.fakes.consul_agent import CRITICAL, FakeConsulAgent, consul_client
 from tests.support import free_port
-from workers.settings import ConsulSettings, OnexSettings
 
 TOKEN = "consul-acl-token-0123456789"
 ROTATED = "consul-acl-token-rotated-9876"
@@ -126,7 +126,7 @@ def make_handler(
     )
     return ConsulHandler(
         HandlerResources(
-            settings=OnexSettings(consul=settings),
+            settings=settings,
             breakers=breakers or BreakerRegistry(),
             secrets=secrets,
             # factory=False: the production client, as the worker builds it.

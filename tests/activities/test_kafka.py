@@ -27,9 +27,11 @@ from activities.kafka import (
     PublishResult,
     client_options,
 )
+from activities.kafka_admin import create_topics
 from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState, CircuitOpenError
+from activities.settings import KafkaSettings, SecretsSettings
 from activities.vault import SecretResolver
 from contracts.errors import Transport
 from contracts.events import EventEnvelope, new_envelope
@@ -37,8 +39,7 @@ from contracts.resilience import default_policy
 from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered, with_kafka
 from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import free_port, wait_until
-from workers.devstack import create_topics
-from workers.settings import KafkaSettings, OnexSettings, SecretsSettings
+from workers.settings import OnexSettings
 
 
 def unreachable(settings: OnexSettings) -> OnexSettings:
@@ -359,7 +360,7 @@ async def guarded_handler(
     the boundary as the worker builds it (per-topic breakers from ``breakers``)."""
     policy = default_policy(Transport.KAFKA)
     handler = KafkaHandler(
-        HandlerResources(settings=settings, breakers=breakers, clients=clients or {})
+        HandlerResources(settings=settings.kafka, breakers=breakers, clients=clients or {})
     )
     await handler.initialize(
         HandlerConfig(

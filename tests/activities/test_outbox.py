@@ -23,9 +23,11 @@ from aiokafka.errors import (
 )
 
 from activities.kafka import DedupingConsumer, EventPublisher
+from activities.kafka_admin import create_topics
 from activities.outbox import OutboxRelay, enqueue
 from activities.postgres import PostgresIdempotencyStore
 from activities.resilience.breaker import BreakerRegistry, BreakerState
+from activities.settings import KafkaSettings
 from contracts.errors import ConfigurationError
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import BreakerSettings
@@ -33,8 +35,7 @@ from contracts.topics import TOPICS_BY_NAME
 from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered
 from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import wait_until
-from workers.devstack import create_topics
-from workers.settings import KafkaSettings, OnexSettings
+from workers.settings import OnexSettings
 
 SECRET_TEXT = "kafka://admin:hunter2@broker.internal:9092 password=hunter2"
 

@@ -22,6 +22,7 @@ from activities.migrate import load_migrations
 from activities.postgres import PASSWORD_SECRET, POOL_CLIENT, POOL_FACTORY_CLIENT, PostgresHandler
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
+from activities.settings import PostgresSettings
 from contracts.errors import ConfigurationError, Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.registry import (
@@ -37,7 +38,7 @@ from tests.builders import compensation, deregister_request, register_request
 from tests.fakes.fault_proxy import FaultProxy
 from tests.support import free_port, wait_until
 from workers.devstack import superuser_dsn
-from workers.settings import OnexSettings, PostgresSettings
+from workers.settings import OnexSettings
 
 REGISTERED = "onex.registry.node.registered.v1"
 OPERATIONS = ("upsert_node", "restore_node", "deactivate_node", "get_node", "enqueue_event")
@@ -70,7 +71,7 @@ def handler_config() -> HandlerConfig:
 
 def make_handler(settings: OnexSettings, **resources: Any) -> PostgresHandler:
     return PostgresHandler(
-        HandlerResources(settings=settings, breakers=BreakerRegistry(), **resources)
+        HandlerResources(settings=settings.postgres, breakers=BreakerRegistry(), **resources)
     )
 
 

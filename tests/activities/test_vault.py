@@ -33,6 +33,7 @@ from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from activities.resilience.classify import classify
 from activities.resilience.sanitize import sanitize_text
+from activities.settings import PostgresSettings, SecretsSettings, VaultSettings
 from activities.vault import SecretResolver, VaultClient, build_secret_resolver
 from contracts.errors import (
     ConfigurationError,
@@ -49,7 +50,7 @@ from contracts.resilience import default_policy
 from tests.fakes.vault_server import FakeVaultServer
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
 from tests.support import free_port, wait_until
-from workers.settings import OnexSettings, PostgresSettings, SecretsSettings, VaultSettings
+from workers.settings import OnexSettings
 
 ROOT = "root-token-for-vault-tests-0001"
 ROLE_ID = "role-onex-worker"
@@ -725,7 +726,7 @@ async def test_rotated_postgres_password_is_refreshed_within_one_temporal_attemp
     )
     handler = PostgresHandler(
         HandlerResources(
-            settings=settings,
+            settings=settings.postgres,
             breakers=BreakerRegistry(),
             secrets=resolver,
             clients={POOL_FACTORY_CLIENT: database.create_pool},

@@ -9,7 +9,9 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, ClassVar
 
 import asyncpg
 import pytest
@@ -18,18 +20,16 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from activities.postgres import APPLICATION_NAME
+from activities.base import HandlerBase, HandlerResources
+from activities.postgres import APPLICATION_NAME, PostgresHandler
+from activities.settings import KafkaSettings, PostgresSettings, SecretsSettings
 from activities.vault import SecretResolver
+from contracts.errors import ConfigurationError, Transport
+from tests.plugins.echo import EchoRequest, EchoResult
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
 from tests.support import wait_until
 from workers.host import WorkerHost, WorkerStartError
-from workers.settings import (
-    KafkaSettings,
-    OnexSettings,
-    PostgresSettings,
-    SecretsSettings,
-    WorkerSettings,
-)
+from workers.settings import OnexSettings, WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = ["activities.", "tests.plugins."]
@@ -213,9 +213,13 @@ async def test_outbox_relay_listens_outside_the_pool(
     secrets = SecretResolver(SecretsSettings(env_fallback=False))
     host = WorkerHost(settings, temporal_env.client, secrets=secrets)
     report = await host.start()
-    assert "outbox relay (postgres -> kafka)" in report.services
-    assert host.relay.listen_connect is not None
-    pool = await host.relay.pool()
+    assert "outbox relay (postgres -> kafka)" in report.services, (
+        "the PostgreSQL handler declares the relay when the Kafka handler offers its publisher: "
+        "check PostgresHandler.background_services and KafkaHandler.offers"
+    )
+    [postgres] = [hosted.instance for hosted in host.handlers if hosted.name == "postgres"]
+    assert isinstance(postgres, PostgresHandler)
+    pool = await postgres.current_pool()
     stop = asyncio.Event()
     serving = asyncio.create_task(host.run(stop))
     try:
@@ -365,3 +369,97 @@ async def test_metrics_endpoint_exports_sdk_and_breaker_metrics(
         await wait_until(exported, within=20, what="the metrics endpoint to export the breaker")
     finally:
         await worker_host.shutdown()
+
+
+class PeekingHandler(HandlerBase):
+    """Declares the PostgreSQL section and the database password; records what it was given,
+    offers a value to its peers and declares a background service that reports what it got."""
+
+    transport = Transport.HTTP
+    settings_type = PostgresSettings
+    secret_names = ("database.postgres.password",)
+    seen: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, resources: HandlerResources[PostgresSettings]) -> None:
+        super().__init__(resources)
+        PeekingHandler.seen["settings"] = resources.settings
+        PeekingHandler.seen["secrets"] = resources.secrets
+
+    async def echo(self, request: EchoRequest) -> EchoResult:
+        return EchoResult(text=request.text)
+
+    def background_services(self, offered: Mapping[str, object]) -> Mapping[str, Any]:
+        PeekingHandler.seen["offered"] = dict(offered)
+
+        async def report(stop: asyncio.Event) -> None:
+            PeekingHandler.seen["service_ran"] = True
+            await stop.wait()
+
+        return {"peeking report": report}
+
+
+class OfferingHandler(HandlerBase):
+    """Offers one value to the other handlers (as Kafka offers its publisher)."""
+
+    transport = Transport.HTTP
+
+    async def echo(self, request: EchoRequest) -> EchoResult:
+        return EchoResult(text=request.text)
+
+    def offers(self) -> Mapping[str, object]:
+        return {"test.offer": "offered value"}
+
+
+async def test_each_handler_gets_its_own_section_its_secrets_and_runs_its_services(
+    temporal_env: WorkflowEnvironment,
+    tmp_path: Path,
+    task_queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host hands a handler the one settings section its class declares and a secret
+    source that resolves only the names it declares; what a peer offers reaches its
+    background_services hook, and the service it declares is reported and run."""
+    root = tmp_path / "contracts"
+    write_contract(root, "peeking", "tests.workers.test_host:PeekingHandler", "echo")
+    write_contract(root, "offering", "tests.workers.test_host:OfferingHandler", "echo")
+    settings = OnexSettings(
+        postgres=PostgresSettings(port=6543),
+        worker=WorkerSettings(
+            task_queue=task_queue,
+            contract_paths=[root],
+            allowed_namespaces=["tests.workers."],
+            graceful_shutdown_timeout=10,
+        ),
+    )
+    # Resolvable, but not by this handler: it does not declare the name.
+    monkeypatch.setenv("ONEX_SECRET_CONSUL_TOKEN", "another-handlers-token")
+    secrets = SecretResolver(SecretsSettings())
+    host = WorkerHost(settings, temporal_env.client, secrets=secrets)
+    PeekingHandler.seen.clear()
+    report = await host.start()
+    given = PeekingHandler.seen["settings"]
+    assert given == settings.postgres, (
+        "the handler must get exactly its declared section (settings_type), not OnexSettings"
+    )
+    scoped = PeekingHandler.seen["secrets"]
+    assert await scoped.get_secret("database.postgres.password", required=False) is None
+    with pytest.raises(ConfigurationError, match="does not declare"):
+        await scoped.get_secret("consul.token")
+    assert PeekingHandler.seen["offered"] == {"test.offer": "offered value"}, (
+        "a handler's background_services hook must receive what the other handlers offer"
+    )
+    assert "peeking report" in report.services
+
+    stop = asyncio.Event()
+    serving = asyncio.create_task(host.run(stop))
+    try:
+
+        async def service_ran() -> bool:
+            if serving.done():
+                serving.result()
+            return bool(PeekingHandler.seen.get("service_ran"))
+
+        await wait_until(service_ran, within=10, what="the declared background service")
+    finally:
+        stop.set()
+        await serving

@@ -1,0 +1,122 @@
+"""The settings sections of the backends: one typed, I/O-free model per dependency.
+
+Each handler is handed its own section only (``HandlerBase.settings_type``); the worker's
+settings (:mod:`workers.settings`) compose these sections into one object, read from
+``ONEX_<SECTION>__<KEY>`` variables. This module imports no client library (asyncpg, aiokafka,
+consul, hvac): client processes load settings without loading the backends.
+
+Secrets are ``SecretStr`` from the moment they are read: their ``repr`` and ``str`` show
+``**********``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+__all__ = [
+    "ConsulSettings",
+    "KafkaSettings",
+    "Port",
+    "PostgresSettings",
+    "Seconds",
+    "SecretsSettings",
+    "Section",
+    "VaultSettings",
+]
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """One settings section: unknown keys are refused, values never change once read."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PostgresSettings(Section):
+    """The registry database (SPEC §5): one DSN, a pool of 2..10, explicit timeouts."""
+
+    host: str = "127.0.0.1"
+    port: Port = 5432
+    database: str = Field(default="onex", min_length=1)
+    user: str = Field(default="onex", min_length=1)
+    password: SecretStr | None = None
+    pool_min_size: Annotated[int, Field(ge=1, le=100)] = 2
+    pool_max_size: Annotated[int, Field(ge=1, le=100)] = 10
+    connect_timeout: Seconds = 10.0
+    query_timeout: Seconds = 30.0
+
+    @property
+    def dsn(self) -> str:
+        """A DSN without the password: asyncpg takes the password as a separate argument."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+class KafkaSettings(Section):
+    """The event stream: producers use ``acks=all``; idempotence is off for the embedded broker."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    client_id: str = "onex-orchestrator"
+    topic_prefix: str = ""
+    enable_idempotence: bool = False
+    request_timeout_ms: Annotated[int, Field(ge=1000, le=300_000)] = 30_000
+    delivery_timeout_ms: Annotated[int, Field(ge=10_000, le=600_000)] = 120_000
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    # For `onex kafka create-topics` on a real cluster (the embedded broker has one node).
+    replication_factor: Annotated[int, Field(ge=1, le=10)] = 1
+
+
+class ConsulSettings(Section):
+    """The service catalog; disabled (steps skipped, and reported so) when no address is set."""
+
+    address: str | None = None
+    scheme: Literal["http", "https"] = "http"
+    datacenter: str | None = None
+    token: SecretStr | None = None
+    timeout: Seconds = 30.0
+    # The HTTP health check registered with each node (Consul duration strings).
+    check_interval: str = Field(default="10s", pattern=r"^\d+(ms|s|m|h)$")
+    check_timeout: str = Field(default="5s", pattern=r"^\d+(ms|s|m|h)$")
+    deregister_critical_after: str = Field(default="90s", pattern=r"^\d+(ms|s|m|h)$")
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+
+class VaultSettings(Section):
+    """The secret store; opt-in: enabled when ``address`` is set."""
+
+    address: str | None = None
+    token: SecretStr | None = None
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    kv_mount: str = "secret"
+    timeout: Seconds = 10.0
+    # Renew the token this long before it expires.
+    renew_before: Seconds = 300.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+
+class SecretsSettings(Section):
+    """Where logical secret names (``database.postgres.password``) are resolved from.
+
+    ``sources`` maps a logical name to ``env:VAR``, ``file:relative/or/absolute/path`` or
+    ``vault:path#field``. Unmapped names fall back to the environment variable
+    ``ONEX_SECRET_<NAME_WITH_UNDERSCORES>`` when ``env_fallback`` is on.
+    """
+
+    sources: dict[str, str] = Field(default_factory=dict)
+    secrets_dir: Path = Path("/run/secrets")
+    env_fallback: bool = True
+    env_ttl: Seconds = 86_400.0
+    file_ttl: Seconds = 86_400.0
+    vault_ttl: Seconds = 300.0
