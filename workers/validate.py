@@ -14,7 +14,8 @@ from pathlib import Path
 
 from contracts.handler_contract import HandlerContract
 from contracts.operation_contract import OperationContract, plan_problems
-from workers.loader import load_handlers, load_operations
+from workers.contract_files import read_operations
+from workers.loader import load_handlers
 from workers.settings import OnexSettings
 
 
@@ -53,8 +54,9 @@ def validate_contracts(settings: OnexSettings, paths: Sequence[Path] = ()) -> Va
     if paths:  # steps may refer to the built-in handlers
         configured = load_handlers(settings.worker.contract_paths, allowed_namespaces=allowed)
         handlers = {**configured.read, **handlers}
-    operations, errors = load_operations(operation_paths)
-    problems += [Problem(e.loader_code, e.context.target, e.message) for e in errors]
+    read = read_operations(operation_paths)
+    operations = read.contracts
+    problems += [Problem(e.loader_code, e.context.target, e.message) for e in read.refused]
     for operation in operations.values():
         problems += [
             Problem("OPERATION_STEP", operation.operation, message)
