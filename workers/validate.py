@@ -3,7 +3,8 @@
 Handler contracts go through the loader (schema, size, secrets, namespace, import, protocol);
 operation contracts are validated and compiled against the handler contracts, so a step naming
 an unknown handler, operation or compensation, or an event outside the catalog, is reported.
-Every problem is listed, not just the first.
+Every problem is listed, not just the first. The client reads the same contracts through
+:mod:`workers.contract_files` and skips the import checks (it never loads a handler class).
 """
 
 from __future__ import annotations
