@@ -163,7 +163,8 @@ async def start_operation(
     The correlation id is the request's, or a new one (then written into the request). The
     plans are ``operations``, or the configured ones (:meth:`Operations.load`).
     """
-    operations = operations or Operations.load(settings)
+    if operations is None:
+        operations = Operations.load(settings)
     contract = operations.contracts[operation]
     correlation_id = ensure_correlation_id(getattr(request, "correlation_id", None))
     if hasattr(request, "correlation_id"):
