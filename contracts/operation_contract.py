@@ -122,7 +122,11 @@ class OperationPlan(_Contract):
 
 
 class PlanError(ConfigurationError, ValueError):
-    """An operation contract that does not fit the handler contracts it names."""
+    """An operation contract that does not fit the handler contracts it names.
+
+    The client raises it too when it cannot compile its plans because a contract is unreadable
+    (the message then carries the loader code), so one ``except`` covers both.
+    """
 
 
 def compensation_policy(policy: ResiliencePolicy) -> ResiliencePolicy:

@@ -25,7 +25,7 @@ from tests.builders import register_request
 from tests.conftest import isolated_environment
 from tests.fakes.consul_agent import FakeConsulAgent
 from tests.support import readable_history, wait_until
-from workers.client import connect, get_status, register_node, retry_failed
+from workers.client import connect, get_status, register_node, retry_failed, start_register_node
 from workers.host import WorkerHost
 from workers.settings import OnexSettings, TemporalSettings, WorkerSettings
 from workflows import WORKFLOWS
@@ -140,7 +140,7 @@ async def test_partial_registration_is_retried_to_success(
     settings, client, agent, worker_host = stack
     agent.fail_next(100, status=500)
     request = node_request()
-    handle = await register_node(client, request, settings=settings, wait=False)
+    handle = await start_register_node(client, request, settings=settings)
 
     async def partial() -> bool:
         return (await get_status(client, handle.id)).status is OperationStatus.PARTIAL

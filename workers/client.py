@@ -2,7 +2,7 @@
 
 ::
 
-    from workers.client import connect, register_node
+    from workers.client import connect, register_node, result_of, start_register_node
     from workers.settings import load_settings
     from contracts.registry import RegisterNodeRequest
 
@@ -10,12 +10,25 @@
     client = await connect(settings)
     result = await register_node(client, RegisterNodeRequest(...), settings=settings)
     print(result.status, result.failed_backends)
+    handle = await start_register_node(client, RegisterNodeRequest(...), settings=settings)
+    result = await result_of(handle)  # later, or elsewhere
+
+Each operation has a pair: ``<operation>`` waits for the :class:`OperationResult`,
+``start_<operation>`` returns the typed :data:`OperationHandle` at once.
+
+This module is light: it reads the contracts (schema checks only, through
+:mod:`workers.contract_files`) and never imports a handler class, so a process that only starts
+operations does not load asyncpg, aiokafka, consul or hvac. The worker checks the classes.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from types import MappingProxyType
+from typing import TypeAlias
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
@@ -31,14 +44,18 @@ from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.resilience.correlation import ensure_correlation_id
 from contracts.errors import CompensationFailedError, OperationError
-from contracts.operation_contract import OperationContract, OperationPlan, compile_plan
+from contracts.operation_contract import OperationContract, OperationPlan, PlanError, compile_plan
 from contracts.operations_io import OperationInput, OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
+from workers.contract_files import read_handlers, read_operations
 from workers.converter import DATA_CONVERTER
 from workers.interceptors import CorrelationInterceptor
 from workers.settings import OnexSettings
 from workflows.operation import OperationWorkflow
+
+OperationHandle: TypeAlias = WorkflowHandle[OperationWorkflow, OperationResult]
+"""A started operation: ``await result_of(handle)`` for its result, ``handle.id`` to find it."""
 
 
 async def connect(settings: OnexSettings, *, runtime: Runtime | None = None) -> Client:
@@ -74,40 +91,80 @@ class OperationFinished(OperationError, ValueError):
 
 @dataclass(frozen=True)
 class Operations:
-    """The compiled plans of the configured operation contracts."""
+    """The compiled plans of the operation contracts, by operation name (read-only mappings).
 
-    plans: dict[str, OperationPlan]
-    contracts: dict[str, OperationContract]
+    :meth:`load` compiles the configured contracts once per process and returns the same
+    object afterwards: the plans depend only on the contract files, not on the Temporal
+    connection, so every client and every call shares them, and the helpers keep their plain
+    ``(client, request, settings=...)`` form with no client object to build and carry. The
+    cache key is the configured contract paths (made absolute), so settings that point
+    elsewhere get their own plans. Like the worker, which reads its contracts at start, a
+    process sees a contract change when it starts again (or through :meth:`compile`).
+    """
+
+    plans: Mapping[str, OperationPlan]
+    contracts: Mapping[str, OperationContract]
 
     @classmethod
     def load(cls, settings: OnexSettings) -> Operations:
-        from workers.validate import validate_contracts
+        """The configured operations, compiled on the first call and reused after that.
 
-        report = validate_contracts(settings)
-        if not report.ok:
-            problems = "; ".join(problem.message for problem in report.problems)
-            raise ValueError(f"the contracts are invalid: {problems}")
+        Raises :class:`~contracts.operation_contract.PlanError` (not cached) when a contract
+        cannot be read or does not fit the handler contracts it names.
+        """
+        worker = settings.worker
+        return _compiled(_absolute(worker.contract_paths), _absolute(worker.operation_paths))
+
+    @classmethod
+    def compile(
+        cls, *, handler_paths: Sequence[Path], operation_paths: Sequence[Path]
+    ) -> Operations:
+        """Read the contracts under the paths and compile every operation, now (no cache).
+
+        Schema checks only: handler classes are neither imported nor checked (the worker does
+        that), so this needs none of the backend libraries. Every problem is listed at once.
+        """
+        handlers = read_handlers(handler_paths)
+        operations = read_operations(operation_paths)
+        problems = [refused.message for refused in (*handlers.refused, *operations.refused)]
+        plans = {}
+        for name, contract in operations.contracts.items():
+            try:
+                plans[name] = compile_plan(contract, handlers.contracts)
+            except PlanError as error:
+                problems.append(error.message)
+        if problems:
+            raise PlanError(f"the contracts are invalid: {'; '.join(problems)}")
         return cls(
-            plans={
-                name: compile_plan(contract, report.handlers)
-                for name, contract in report.operations.items()
-            },
-            contracts=report.operations,
+            plans=MappingProxyType(plans), contracts=MappingProxyType(dict(operations.contracts))
         )
+
+
+def _absolute(paths: Sequence[Path]) -> tuple[Path, ...]:
+    # Lexical only (no file system access), so glob patterns keep their meaning.
+    return tuple(path.absolute() for path in paths)
+
+
+@functools.cache
+def _compiled(handler_paths: tuple[Path, ...], operation_paths: tuple[Path, ...]) -> Operations:
+    return Operations.compile(handler_paths=handler_paths, operation_paths=operation_paths)
 
 
 async def start_operation(
     client: Client,
-    operations: Operations,
     operation: str,
     request: BaseModel,
     *,
-    task_queue: str,
-) -> WorkflowHandle[Any, OperationResult]:
+    settings: OnexSettings,
+    operations: Operations | None = None,
+) -> OperationHandle:
     """Start ``operation`` for ``request``; a start for a still-running id attaches to it.
 
-    The correlation id is the request's, or a new one (then written into the request).
+    The correlation id is the request's, or a new one (then written into the request). The
+    plans are ``operations``, or the configured ones (:meth:`Operations.load`).
     """
+    if operations is None:
+        operations = Operations.load(settings)
     contract = operations.contracts[operation]
     correlation_id = ensure_correlation_id(getattr(request, "correlation_id", None))
     if hasattr(request, "correlation_id"):
@@ -127,7 +184,7 @@ async def start_operation(
             plan=operations.plans[operation], request=data, correlation_id=correlation_id
         ),
         id=workflow_id,
-        task_queue=task_queue,
+        task_queue=settings.worker.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         search_attributes=TypedSearchAttributes(attributes),
@@ -135,28 +192,22 @@ async def start_operation(
     )
 
 
-async def _run(
+async def run_operation(
     client: Client,
-    settings: OnexSettings,
     operation: str,
     request: BaseModel,
     *,
-    wait: bool,
-    operations: Operations | None,
-) -> OperationResult | WorkflowHandle[Any, OperationResult]:
+    settings: OnexSettings,
+    operations: Operations | None = None,
+) -> OperationResult:
+    """Start ``operation`` (as :func:`start_operation`) and wait for its result."""
     handle = await start_operation(
-        client,
-        operations or Operations.load(settings),
-        operation,
-        request,
-        task_queue=settings.worker.task_queue,
+        client, operation, request, settings=settings, operations=operations
     )
-    if not wait:
-        return handle
     return await result_of(handle)
 
 
-async def result_of(handle: WorkflowHandle[Any, OperationResult]) -> OperationResult:
+async def result_of(handle: OperationHandle) -> OperationResult:
     """The operation's result; a failed compensation's result is read from its failure."""
     try:
         return await handle.result()
@@ -167,16 +218,43 @@ async def result_of(handle: WorkflowHandle[Any, OperationResult]) -> OperationRe
         raise
 
 
+async def start_register_node(
+    client: Client,
+    request: RegisterNodeRequest,
+    *,
+    settings: OnexSettings,
+    operations: Operations | None = None,
+) -> OperationHandle:
+    """Start registering a node (Consul and PostgreSQL at once); the handle, at once."""
+    return await start_operation(
+        client, "register_node", request, settings=settings, operations=operations
+    )
+
+
 async def register_node(
     client: Client,
     request: RegisterNodeRequest,
     *,
     settings: OnexSettings,
-    wait: bool = True,
     operations: Operations | None = None,
-) -> Any:
-    """Register a node (Consul and PostgreSQL at once); the result, or the handle if not wait."""
-    return await _run(client, settings, "register_node", request, wait=wait, operations=operations)
+) -> OperationResult:
+    """Register a node (Consul and PostgreSQL at once) and wait for the result."""
+    return await result_of(
+        await start_register_node(client, request, settings=settings, operations=operations)
+    )
+
+
+async def start_deregister_node(
+    client: Client,
+    request: DeregisterNodeRequest,
+    *,
+    settings: OnexSettings,
+    operations: Operations | None = None,
+) -> OperationHandle:
+    """Start removing a node from Consul and deactivating it in PostgreSQL; the handle."""
+    return await start_operation(
+        client, "deregister_node", request, settings=settings, operations=operations
+    )
 
 
 async def deregister_node(
@@ -184,12 +262,11 @@ async def deregister_node(
     request: DeregisterNodeRequest,
     *,
     settings: OnexSettings,
-    wait: bool = True,
     operations: Operations | None = None,
-) -> Any:
-    """Remove a node from Consul and deactivate it in PostgreSQL."""
-    return await _run(
-        client, settings, "deregister_node", request, wait=wait, operations=operations
+) -> OperationResult:
+    """Remove a node from Consul and deactivate it in PostgreSQL, and wait for the result."""
+    return await result_of(
+        await start_deregister_node(client, request, settings=settings, operations=operations)
     )
 
 
@@ -197,7 +274,7 @@ async def retry_failed(
     client: Client, workflow_id: str, backend: str | None = None
 ) -> OperationResult:
     """Re-run the failed backends of a partial operation (or one of them)."""
-    handle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
+    handle: OperationHandle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
     try:
         return await handle.execute_update(OperationWorkflow.retry_failed, backend)
     except RPCError as error:
@@ -210,7 +287,7 @@ async def retry_failed(
 
 async def get_status(client: Client, workflow_id: str) -> OperationResult:
     """The current (or final) status of an operation."""
-    handle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
+    handle: OperationHandle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
     try:
         return await handle.query(OperationWorkflow.status)
     except RPCError as error:

@@ -1,89 +1,33 @@
-"""Discover and load handler plugins from YAML contracts, refusing anything unsafe or unclear.
+"""Load handler plugins: read their contracts, then import and check the classes they name.
 
-Rules (SPEC §3.1), each refusal a :class:`HandlerLoadError` with a stable code:
+Reading (discovery, size, YAML, credentials, schema, duplicates) is
+:mod:`workers.contract_files`; this module adds what only a worker needs (SPEC §3.1), each
+refusal a :class:`HandlerLoadError` with a stable code:
 
-* discovery from files, directories (recursive) and glob patterns; paths deduplicated by their
-  resolved form and sorted, so the order never depends on the file system;
-* a directory holding both ``handler_contract.yaml`` and ``contract.yaml`` is ambiguous and
-  loads neither (040); one bad contract never stops the others;
-* the size is checked before reading (over 10 MiB: 005), YAML is parsed with ``safe_load`` only
-  (so ``!!python/object`` tags are refused: 002), then validated against the schema (003/004);
-* a value that looks like a credential is refused (016): contracts are code, not secrets;
 * the class path must sit under an allowlisted namespace, checked **before** anything is
   imported (013); ``foo.`` matches ``foo.x`` and never ``foobar.x``;
 * the class must exist (010/011/012) and have every member of the handler protocol plus one
   coroutine method per declared operation (006/014).
 
-Messages name a contract by its handler name or by its path relative to the directory it was
-found under, never by an absolute path, and never carry an import traceback.
+Messages name a handler by its name, never by an absolute path, and never carry an import
+traceback.
 """
 
 from __future__ import annotations
 
-import glob
 import importlib
 import inspect
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
-
-from contracts.errors import ErrorContext, HandlerLoadError, Transport
+from contracts.errors import HandlerLoadError
 from contracts.handler_contract import HandlerContract
-from contracts.operation_contract import OperationContract
+from workers.contract_files import LoaderCode, loader_error, read_handlers
 
-MAX_CONTRACT_BYTES = 10 * 1024 * 1024
-HANDLER_FILE_NAMES = ("handler_contract.yaml", "contract.yaml")
 PROTOCOL_MEMBERS = ("handler_type", "initialize", "shutdown", "execute", "describe")
 ASYNC_MEMBERS = ("initialize", "shutdown", "execute")
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class LoaderCode(StrEnum):
-    FILE_NOT_FOUND = "HANDLER_LOADER_001"
-    INVALID_YAML = "HANDLER_LOADER_002"
-    SCHEMA_INVALID = "HANDLER_LOADER_003"
-    MISSING_FIELDS = "HANDLER_LOADER_004"
-    FILE_TOO_LARGE = "HANDLER_LOADER_005"
-    PROTOCOL_NOT_IMPLEMENTED = "HANDLER_LOADER_006"
-    NOT_A_FILE = "HANDLER_LOADER_007"
-    READ_FAILED = "HANDLER_LOADER_008"
-    STAT_FAILED = "HANDLER_LOADER_009"
-    MODULE_NOT_FOUND = "HANDLER_LOADER_010"
-    CLASS_NOT_FOUND = "HANDLER_LOADER_011"
-    IMPORT_FAILED = "HANDLER_LOADER_012"
-    NAMESPACE_NOT_ALLOWED = "HANDLER_LOADER_013"
-    OPERATION_NOT_IMPLEMENTED = "HANDLER_LOADER_014"
-    DUPLICATE_HANDLER = "HANDLER_LOADER_015"
-    SECRET_IN_CONTRACT = "HANDLER_LOADER_016"  # noqa: S105 - a code, not a password
-    DIRECTORY_NOT_FOUND = "HANDLER_LOADER_020"
-    PERMISSION_DENIED = "HANDLER_LOADER_021"
-    NOT_A_DIRECTORY = "HANDLER_LOADER_022"
-    EMPTY_PATTERNS = "HANDLER_LOADER_030"
-    INVALID_GLOB = "HANDLER_LOADER_031"
-    AMBIGUOUS_CONTRACT = "HANDLER_LOADER_040"
-
-
-def loader_error(code: LoaderCode, target: str, message: str) -> HandlerLoadError:
-    return HandlerLoadError(
-        f"{code.value}: {message}",
-        context=ErrorContext(transport=Transport.RUNTIME, operation="load_contract", target=target),
-        loader_code=code.value,
-    )
-
-
-@dataclass(frozen=True)
-class ContractFile:
-    """A discovered contract: where it is, and how to name it in messages."""
-
-    path: Path
-    display: str
 
 
 @dataclass(frozen=True)
@@ -103,198 +47,6 @@ class LoadReport:
     @property
     def contracts(self) -> dict[str, HandlerContract]:
         return {handler.contract.handler_name: handler.contract for handler in self.loaded}
-
-
-# -- discovery ---------------------------------------------------------------------------------
-
-
-def discover(
-    paths: Sequence[Path | str], *, handlers: bool = True
-) -> tuple[list[ContractFile], list[HandlerLoadError]]:
-    """Contract files under ``paths`` (files, directories, globs), sorted and deduplicated.
-
-    In a directory tree, a handler contract is a ``handler_contract.yaml`` (or ``contract.yaml``)
-    file, one per directory; with ``handlers=False``, every ``*.yaml`` file is an operation
-    contract.
-    """
-    if not paths:
-        return [], [loader_error(LoaderCode.EMPTY_PATTERNS, "contracts", "no paths were given")]
-    found: dict[Path, ContractFile] = {}
-    errors: list[HandlerLoadError] = []
-    for raw in paths:
-        text = str(raw)
-        if glob.has_magic(text):
-            try:
-                matches = sorted(glob.glob(text, recursive=True))
-            except (re.error, ValueError):
-                errors.append(loader_error(LoaderCode.INVALID_GLOB, text, "invalid glob pattern"))
-                continue
-            base = Path(text.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0])
-            base = base if base.is_dir() else base.parent
-            for match in matches:
-                _add_file(Path(match), base, found, errors)
-            continue
-        path = Path(text)
-        if not path.exists():
-            code = LoaderCode.FILE_NOT_FOUND if path.suffix else LoaderCode.DIRECTORY_NOT_FOUND
-            errors.append(loader_error(code, path.name, f"{path.name} does not exist"))
-        elif path.is_dir():
-            _add_directory(path, found, errors, handlers=handlers)
-        else:
-            _add_file(path, path.parent, found, errors)
-    ordered = sorted(found.values(), key=lambda contract: str(contract.path))
-    return ordered, errors
-
-
-def _add_directory(
-    root: Path,
-    found: dict[Path, ContractFile],
-    errors: list[HandlerLoadError],
-    *,
-    handlers: bool,
-) -> None:
-    try:
-        directories = sorted({root, *(p for p in root.rglob("*") if p.is_dir())})
-    except PermissionError:
-        errors.append(loader_error(LoaderCode.PERMISSION_DENIED, root.name, "cannot list it"))
-        return
-    for directory in directories:
-        if not handlers:
-            for yaml_file in sorted(directory.glob("*.yaml")):
-                if yaml_file.name not in HANDLER_FILE_NAMES:
-                    _add_file(yaml_file, root, found, errors)
-            continue
-        present = [directory / name for name in HANDLER_FILE_NAMES if (directory / name).is_file()]
-        display_dir = _relative(directory, root)
-        if len(present) > 1:
-            errors.append(
-                loader_error(
-                    LoaderCode.AMBIGUOUS_CONTRACT,
-                    display_dir,
-                    f"{display_dir} holds both {' and '.join(p.name for p in present)}; keep "
-                    "exactly one contract file per directory (neither was loaded)",
-                )
-            )
-            continue
-        for contract in present:
-            _add_file(contract, root, found, errors)
-
-
-def _add_file(
-    path: Path,
-    base: Path,
-    found: dict[Path, ContractFile],
-    errors: list[HandlerLoadError],
-) -> None:
-    display = _relative(path, base)
-    if not path.is_file():
-        code = LoaderCode.NOT_A_FILE if path.exists() else LoaderCode.FILE_NOT_FOUND
-        errors.append(loader_error(code, display, f"{display} is not a regular file"))
-        return
-    resolved = path.resolve()
-    found.setdefault(resolved, ContractFile(path=resolved, display=display))
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        relative = path.resolve().relative_to(base.resolve())
-    except ValueError:
-        return path.name
-    return str(relative) if str(relative) != "." else base.name
-
-
-# -- reading -----------------------------------------------------------------------------------
-
-_CREDENTIAL_VALUE = re.compile(
-    r"[a-z][a-z0-9+.\-]*://[^\s/@]+:[^\s/@]*@"  # userinfo in a URL
-    r"|-----begin"
-    r"|bearer\s+\S{8,}"
-    r"|eyj[\w-]{8,}\.[\w-]{8,}"  # a JWT
-    r"|(?:password|passwd|secret|token|api[_-]?key)\s*[=:]\s*\S+",
-    re.IGNORECASE,
-)
-
-
-def read_contract(source: ContractFile, model: type[ModelT]) -> ModelT:
-    """Read, parse and validate one contract file, or raise a coded HandlerLoadError."""
-    display = source.display
-    try:
-        size = source.path.stat().st_size
-    except FileNotFoundError:
-        raise loader_error(LoaderCode.FILE_NOT_FOUND, display, f"{display} disappeared") from None
-    except OSError:
-        raise loader_error(LoaderCode.STAT_FAILED, display, f"cannot stat {display}") from None
-    if size > MAX_CONTRACT_BYTES:
-        raise loader_error(
-            LoaderCode.FILE_TOO_LARGE,
-            display,
-            f"{display} is {size} bytes; contracts are limited to {MAX_CONTRACT_BYTES} bytes",
-        )
-    try:
-        text = source.path.read_text(encoding="utf-8")
-    except PermissionError:
-        raise loader_error(
-            LoaderCode.PERMISSION_DENIED, display, f"cannot read {display}"
-        ) from None
-    except (OSError, UnicodeDecodeError):
-        raise loader_error(
-            LoaderCode.READ_FAILED, display, f"cannot read {display} as UTF-8 text"
-        ) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise loader_error(
-            LoaderCode.INVALID_YAML,
-            display,
-            f"{display}: {problem}{where} (only plain YAML is accepted: no !!python tags)",
-        ) from None
-    if not isinstance(data, dict):
-        raise loader_error(
-            LoaderCode.SCHEMA_INVALID, display, f"{display} must be a mapping of fields"
-        )
-    finding = _credential_in(data)
-    if finding:
-        raise loader_error(
-            LoaderCode.SECRET_IN_CONTRACT,
-            display,
-            f"{display}: the value of {finding} looks like a credential; contracts are committed "
-            "code: reference a secret by its logical name and resolve it in the worker",
-        )
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        missing = [e for e in exc.errors() if e["type"] == "missing"]
-        code = LoaderCode.MISSING_FIELDS if missing else LoaderCode.SCHEMA_INVALID
-        raise loader_error(code, display, f"{display}: {_describe(exc)}") from None
-
-
-def _credential_in(data: Any, path: str = "") -> str | None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            found = _credential_in(value, f"{path}.{key}" if path else str(key))
-            if found:
-                return found
-    elif isinstance(data, list):
-        for index, value in enumerate(data):
-            found = _credential_in(value, f"{path}[{index}]")
-            if found:
-                return found
-    elif isinstance(data, str) and _CREDENTIAL_VALUE.search(data):
-        return path or "the document"
-    return None
-
-
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for problem in error.errors(include_url=False, include_input=False):
-        location = ".".join(str(part) for part in problem["loc"]) or "contract"
-        parts.append(f"{location}: {problem['msg']}")
-    return "; ".join(parts)
 
 
 # -- classes -----------------------------------------------------------------------------------
@@ -405,49 +157,13 @@ def load_handlers(
     paths: Sequence[Path | str], *, allowed_namespaces: Sequence[str] | None
 ) -> LoadReport:
     """Every handler under ``paths``: those that loaded, and a coded refusal for each other."""
-    files, errors = discover(paths)
-    report = LoadReport(refused=list(errors))
-    names: dict[str, str] = {}
-    for source in files:
+    read = read_handlers(paths)
+    report = LoadReport(refused=list(read.refused), read=dict(read.contracts))
+    for name, contract in read.contracts.items():
         try:
-            contract = read_contract(source, HandlerContract)
-            if contract.handler_name in names:
-                raise loader_error(
-                    LoaderCode.DUPLICATE_HANDLER,
-                    contract.handler_name,
-                    f"handler {contract.handler_name!r} is declared twice "
-                    f"({names[contract.handler_name]} and {source.display}); names are unique",
-                )
-            report.read[contract.handler_name] = contract
-            names[contract.handler_name] = source.display
             handler_class = load_handler_class(contract, allowed_namespaces)
         except HandlerLoadError as refused:
             report.refused.append(refused)
             continue
-        report.loaded.append(LoadedHandler(contract, handler_class, source.display))
+        report.loaded.append(LoadedHandler(contract, handler_class, read.sources[name]))
     return report
-
-
-def load_operations(
-    paths: Sequence[Path | str],
-) -> tuple[dict[str, OperationContract], list[HandlerLoadError]]:
-    """Every operation contract (``*.yaml``) under ``paths``, by operation name."""
-    files, errors = discover(paths, handlers=False)
-    operations: dict[str, OperationContract] = {}
-    for source in files:
-        try:
-            contract = read_contract(source, OperationContract)
-        except HandlerLoadError as refused:
-            errors.append(refused)
-            continue
-        if contract.operation in operations:
-            errors.append(
-                loader_error(
-                    LoaderCode.DUPLICATE_HANDLER,
-                    contract.operation,
-                    f"operation {contract.operation!r} is declared twice",
-                )
-            )
-            continue
-        operations[contract.operation] = contract
-    return operations, errors

@@ -29,6 +29,8 @@ from workers.client import (
     get_status,
     register_node,
     retry_failed,
+    start_deregister_node,
+    start_register_node,
 )
 from workers.settings import OnexSettings
 
@@ -118,7 +120,6 @@ def _start(
     starter: Callable[..., Awaitable[Any]],
     request: Any,
     *,
-    wait: bool,
     as_json: bool,
 ) -> None:
     try:
@@ -128,9 +129,7 @@ def _start(
 
     async def run(client: Client) -> Any:
         try:
-            return await starter(
-                client, request, settings=settings, wait=wait, operations=operations
-            )
+            return await starter(client, request, settings=settings, operations=operations)
         except WorkflowFailureError as failure:
             fail(ExitCode.FAILED, f"the operation failed: {failure.cause}")
 
@@ -181,7 +180,8 @@ def register_node_command(
             "correlation_id": correlation_id,
         },
     )
-    _start(settings, register_node, request, wait=wait, as_json=as_json)
+    starter = register_node if wait else start_register_node
+    _start(settings, starter, request, as_json=as_json)
 
 
 def deregister_node_command(
@@ -206,7 +206,8 @@ def deregister_node_command(
             "correlation_id": correlation_id,
         },
     )
-    _start(settings, deregister_node, request, wait=wait, as_json=as_json)
+    starter = deregister_node if wait else start_deregister_node
+    _start(settings, starter, request, as_json=as_json)
 
 
 def retry_command(

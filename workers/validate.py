@@ -3,7 +3,8 @@
 Handler contracts go through the loader (schema, size, secrets, namespace, import, protocol);
 operation contracts are validated and compiled against the handler contracts, so a step naming
 an unknown handler, operation or compensation, or an event outside the catalog, is reported.
-Every problem is listed, not just the first.
+Every problem is listed, not just the first. The client reads the same contracts through
+:mod:`workers.contract_files` and skips the import checks (it never loads a handler class).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from contracts.handler_contract import HandlerContract
 from contracts.operation_contract import OperationContract, plan_problems
-from workers.loader import load_handlers, load_operations
+from workers.contract_files import read_operations
+from workers.loader import load_handlers
 from workers.settings import OnexSettings
 
 
@@ -53,8 +55,9 @@ def validate_contracts(settings: OnexSettings, paths: Sequence[Path] = ()) -> Va
     if paths:  # steps may refer to the built-in handlers
         configured = load_handlers(settings.worker.contract_paths, allowed_namespaces=allowed)
         handlers = {**configured.read, **handlers}
-    operations, errors = load_operations(operation_paths)
-    problems += [Problem(e.loader_code, e.context.target, e.message) for e in errors]
+    read = read_operations(operation_paths)
+    operations = read.contracts
+    problems += [Problem(e.loader_code, e.context.target, e.message) for e in read.refused]
     for operation in operations.values():
         problems += [
             Problem("OPERATION_STEP", operation.operation, message)

@@ -10,14 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers.loader import (
-    MAX_CONTRACT_BYTES,
-    LoaderCode,
-    discover,
-    load_handlers,
-    load_operations,
-    namespace_allowed,
-)
+from workers.contract_files import MAX_CONTRACT_BYTES, LoaderCode, discover, read_operations
+from workers.loader import load_handlers, namespace_allowed
 
 TEST_NAMESPACES = ["activities.", "tests.plugins."]
 
@@ -257,12 +251,12 @@ def test_messages_never_show_absolute_paths(tmp_path: Path) -> None:
 def test_operation_contracts_load_and_refuse_like_handlers(tmp_path: Path) -> None:
     """Operation contracts go through the same reading rules; the built-ins are valid."""
     write(tmp_path, "operation: [", "broken.yaml")
-    operations, errors = load_operations([tmp_path])
-    assert operations == {}
-    assert codes(errors) == [LoaderCode.INVALID_YAML]
-    builtin, builtin_errors = load_operations([Path("contracts/operations")])
-    assert builtin_errors == []
-    assert sorted(builtin) == ["deregister_node", "register_node"]
+    broken = read_operations([tmp_path])
+    assert broken.contracts == {}
+    assert codes(broken.refused) == [LoaderCode.INVALID_YAML]
+    builtin = read_operations([Path("contracts/operations")])
+    assert builtin.refused == []
+    assert sorted(builtin.contracts) == ["deregister_node", "register_node"]
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ from contracts.registry import (
     SkippedResult,
 )
 from contracts.resilience import RetrySettings
-from workers.loader import load_handlers, load_operations
+from workers.contract_files import read_handlers, read_operations
 from workers.settings import CONTRACTS_DIR
 from workflows import WORKFLOWS
 from workflows.operation import OperationWorkflow
@@ -47,8 +47,8 @@ CORRELATION_ID = uuid.UUID("0b9a8c7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d")
 
 def plan(operation: str = "register_node", **changes: Any) -> OperationPlan:
     """A built-in plan, with fast retries so that failures exhaust quickly in tests."""
-    handlers = load_handlers([CONTRACTS_DIR / "handlers"], allowed_namespaces=None).read
-    operations, _ = load_operations([CONTRACTS_DIR / "operations"])
+    handlers = read_handlers([CONTRACTS_DIR / "handlers"]).contracts
+    operations = read_operations([CONTRACTS_DIR / "operations"]).contracts
     compiled = compile_plan(operations[operation], handlers)
     fast = RetrySettings(max_attempts=3, initial_interval=1.0, max_interval=4.0)
     steps = tuple(
