@@ -24,7 +24,7 @@ operations does not load asyncpg, aiokafka, consul or hvac. The worker checks th
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -82,10 +82,12 @@ class OperationNotFound(OperationError, LookupError):
 
 
 class OperationFinished(OperationError, ValueError):
-    """The operation has ended, so it can no longer be retried; ``status`` says how."""
+    """The operation has ended, so it can no longer be retried (or resumed); ``status`` says how."""
 
-    def __init__(self, workflow_id: str, status: OperationStatus) -> None:
-        super().__init__(f"nothing to retry: operation {workflow_id} has finished ({status.value})")
+    def __init__(self, workflow_id: str, status: OperationStatus, action: str = "retry") -> None:
+        super().__init__(
+            f"nothing to {action}: operation {workflow_id} has finished ({status.value})"
+        )
         self.status = status
 
 
@@ -274,15 +276,50 @@ async def retry_failed(
     client: Client, workflow_id: str, backend: str | None = None
 ) -> OperationResult:
     """Re-run the failed backends of a partial operation (or one of them)."""
+    return await _update(
+        client,
+        workflow_id,
+        "retry",
+        lambda h: h.execute_update(OperationWorkflow.retry_failed, backend),
+    )
+
+
+async def resume_compensation(client: Client, workflow_id: str) -> OperationResult:
+    """Re-run the stuck compensations of a ``compensation_paused`` operation."""
+    return await _update(
+        client,
+        workflow_id,
+        "resume",
+        lambda h: h.execute_update(OperationWorkflow.resume_compensation),
+    )
+
+
+async def abandon_compensation(client: Client, workflow_id: str, reason: str) -> OperationResult:
+    """Give up on a paused operation's stuck compensations; it ends ``compensation_failed``."""
+    return await _update(
+        client,
+        workflow_id,
+        "abandon",
+        lambda h: h.execute_update(OperationWorkflow.abandon, reason),
+    )
+
+
+async def _update(
+    client: Client,
+    workflow_id: str,
+    action: str,
+    send: Callable[[OperationHandle], Awaitable[OperationResult]],
+) -> OperationResult:
+    """Send an Update; a closed (or missing) workflow says so instead of a bare NOT_FOUND."""
     handle: OperationHandle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
     try:
-        return await handle.execute_update(OperationWorkflow.retry_failed, backend)
+        return await send(handle)
     except RPCError as error:
         if error.status != RPCStatusCode.NOT_FOUND:
             raise
     # Not found: either no such workflow, or one that has already closed.
     status = await get_status(client, workflow_id)
-    raise OperationFinished(workflow_id, status.status)
+    raise OperationFinished(workflow_id, status.status, action)
 
 
 async def get_status(client: Client, workflow_id: str) -> OperationResult:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from temporalio.client import (
+    Client,
     WorkflowFailureError,
     WorkflowHandle,
     WorkflowUpdateFailedError,
@@ -24,7 +25,7 @@ from contracts.registry import DeregisterNodeRequest
 from tests.support import wait_until
 from tests.workflows import scenarios
 from tests.workflows.scenarios import Backends, plan, record, refused, skipped, start, worker
-from workers.client import result_of
+from workers.client import OperationHandle, result_of
 from workflows.operation import OperationWorkflow
 
 
@@ -386,29 +387,39 @@ async def test_cancelling_a_sequence_stops_it_and_undoes_the_step_in_flight(
     assert len(backends.calls["consul.undo_register_service"]) == 1
 
 
+async def cancelled_while_event_is_queued(
+    client: Client, task_queue: str, backends: Backends, event_number: int, what: str
+) -> OperationHandle:
+    """Start an operation and cancel it while its ``event_number``-th event is being queued."""
+    release = asyncio.Event()
+
+    async def hold(call: int) -> None:
+        if call == event_number:
+            await release.wait()
+
+    backends.script("postgres.enqueue_event", hold)
+    handle = await start(client, task_queue, plan())
+
+    async def queuing() -> bool:
+        return len(backends.calls["postgres.enqueue_event"]) == event_number
+
+    await wait_until(queuing, within=30, what=what)
+    await handle.cancel()
+    release.set()
+    return handle
+
+
 async def test_a_cancel_while_the_started_event_is_queued_writes_nothing(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     """Cancelled before any step started (the started event was still being queued): no step
     runs, nothing is undone, and the workflow ends cancelled."""
     backends = Backends()
-    release = asyncio.Event()
-
-    async def slow_first_event(call: int) -> None:
-        if call == 1:
-            await release.wait()
-
-    backends.script("postgres.enqueue_event", slow_first_event)
     client = time_skipping_env.client
     async with worker(client, task_queue, backends):
-        handle = await start(client, task_queue, plan())
-
-        async def queuing() -> bool:
-            return len(backends.calls["postgres.enqueue_event"]) == 1
-
-        await wait_until(queuing, within=30, what="the started event to be queued")
-        await handle.cancel()
-        release.set()
+        handle = await cancelled_while_event_is_queued(
+            client, task_queue, backends, 1, "the started event to be queued"
+        )
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
     assert "cancel" in str(failure.value.cause).lower()
@@ -424,23 +435,11 @@ async def test_a_cancel_after_the_operation_succeeded_reports_success(
     """A cancel that arrives while the completed event is queued, after both steps succeeded,
     undoes nothing, and the operation reports its success."""
     backends = Backends()
-    release = asyncio.Event()
-
-    async def slow_last_event(call: int) -> None:
-        if call == 3:
-            await release.wait()
-
-    backends.script("postgres.enqueue_event", slow_last_event)
     client = time_skipping_env.client
     async with worker(client, task_queue, backends):
-        handle = await start(client, task_queue, plan())
-
-        async def finishing() -> bool:
-            return len(backends.calls["postgres.enqueue_event"]) == 3
-
-        await wait_until(finishing, within=30, what="the completed event to be queued")
-        await handle.cancel()
-        release.set()
+        handle = await cancelled_while_event_is_queued(
+            client, task_queue, backends, 3, "the completed event to be queued"
+        )
         result = await handle.result()
     assert result.status is OperationStatus.SUCCESS
     assert backends.calls["consul.undo_register_service"] == []
