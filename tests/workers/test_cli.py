@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.support import free_port
 from workers.cli import app
-from workers.cli_support import ExitCode
+from workers.cli.common import ExitCode
 
 runner = CliRunner()
 

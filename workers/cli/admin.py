@@ -1,0 +1,88 @@
+"""``onex db migrate`` and ``onex kafka create-topics``: one-off setup of the backends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from activities.resilience.sanitize import sanitize_exception
+from workers.cli.common import EPILOG, ExitCode, console, fail, settings_or_exit
+
+db_app = typer.Typer(
+    help="The registry database.\n\nExample:\n\n  onex db migrate",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@db_app.command("migrate")
+def db_migrate() -> None:
+    """Apply the registry's pending migrations (a no-op when up to date).
+
+    Safe to run from several places at once: runners serialize on an advisory lock. The worker
+    also migrates at start.
+
+    Example: onex db migrate
+    """
+    from activities.migrate import migrate_dsn
+    from activities.postgres import resolve_password
+    from activities.vault import build_secret_resolver
+
+    settings = settings_or_exit()
+
+    async def run() -> list[str]:
+        resolver, _ = await build_secret_resolver(settings)
+        password = await resolve_password(settings.postgres, resolver)
+        return await migrate_dsn(
+            settings.postgres.dsn,
+            password=password.get_secret_value() if password else None,
+        )
+
+    try:
+        applied = asyncio.run(run())
+    except Exception as exc:
+        fail(ExitCode.UNAVAILABLE, f"migration failed: {sanitize_exception(exc)}")
+    console.print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
+
+
+kafka_app = typer.Typer(
+    help="The event stream.\n\nExample:\n\n  onex kafka create-topics",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@kafka_app.command("create-topics")
+def kafka_create_topics() -> None:
+    """Create the topic catalog (12 topics, 3 partitions each, retention per topic).
+
+    Topics that exist are left as they are. `onex dev up` does this for the embedded broker;
+    run it once against a real cluster (ONEX_KAFKA__BOOTSTRAP_SERVERS).
+
+    Example: ONEX_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 onex kafka create-topics
+    """
+    from activities.kafka import client_options
+    from activities.vault import build_secret_resolver
+    from workers.devstack import create_topics
+
+    settings = settings_or_exit()
+
+    async def create() -> list[str]:
+        resolver, _ = await build_secret_resolver(settings)
+        options = await client_options(settings.kafka, resolver)
+        options.pop("bootstrap_servers", None)
+        return await create_topics(
+            settings.kafka.bootstrap_servers,
+            prefix=settings.kafka.topic_prefix,
+            replication_factor=settings.kafka.replication_factor,
+            client_options=options,
+        )
+
+    try:
+        names = asyncio.run(create())
+    except Exception as exc:
+        fail(ExitCode.UNAVAILABLE, f"cannot create the topics: {sanitize_exception(exc)}")
+    console.print(f"{len(names)} topics present", markup=False)
