@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.support import free_port
 from workers.cli import app
-from workers.cli.common import ExitCode
+from workers.cli.exit_codes import ExitCode
 
 runner = CliRunner()
 

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import typer
 
 from activities.resilience.sanitize import sanitize_exception
-from workers.cli.common import EPILOG, ExitCode, console, fail, settings_or_exit
+from contracts.errors import InfraError, InfraUnavailableError
+from workers.cli.common import EPILOG, console, run_async, settings_or_exit
+
+T = TypeVar("T")
+
+
+async def _on_backend(work: Awaitable[T]) -> T:
+    """``await work``; what the driver raised (asyncpg, aiokafka, a refused socket) means the
+    backend could not be used: exit 6. The project's own errors keep their codes."""
+    try:
+        return await work
+    except InfraError:
+        raise
+    except Exception as exc:
+        raise InfraUnavailableError(sanitize_exception(exc)) from exc
+
 
 db_app = typer.Typer(
     help="The registry database.\n\nExample:\n\n  onex db migrate",
@@ -32,18 +48,17 @@ def db_migrate() -> None:
 
     settings = settings_or_exit()
 
-    async def run() -> list[str]:
+    async def migrate() -> list[str]:
         resolver, _ = await build_secret_resolver(settings)
         password = await resolve_password(settings.postgres, resolver)
-        return await migrate_dsn(
-            settings.postgres.dsn,
-            password=password.get_secret_value() if password else None,
+        return await _on_backend(
+            migrate_dsn(
+                settings.postgres.dsn,
+                password=password.get_secret_value() if password else None,
+            )
         )
 
-    try:
-        applied = asyncio.run(run())
-    except Exception as exc:
-        fail(ExitCode.UNAVAILABLE, f"migration failed: {sanitize_exception(exc)}")
+    applied = run_async(migrate, failing="migration failed")
     console.print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
 
 
@@ -74,15 +89,14 @@ def kafka_create_topics() -> None:
         resolver, _ = await build_secret_resolver(settings)
         options = await client_options(settings.kafka, resolver)
         options.pop("bootstrap_servers", None)
-        return await create_topics(
-            settings.kafka.bootstrap_servers,
-            prefix=settings.kafka.topic_prefix,
-            replication_factor=settings.kafka.replication_factor,
-            client_options=options,
+        return await _on_backend(
+            create_topics(
+                settings.kafka.bootstrap_servers,
+                prefix=settings.kafka.topic_prefix,
+                replication_factor=settings.kafka.replication_factor,
+                client_options=options,
+            )
         )
 
-    try:
-        names = asyncio.run(create())
-    except Exception as exc:
-        fail(ExitCode.UNAVAILABLE, f"cannot create the topics: {sanitize_exception(exc)}")
+    names = run_async(create, failing="cannot create the topics")
     console.print(f"{len(names)} topics present", markup=False)

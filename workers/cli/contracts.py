@@ -10,7 +10,6 @@ import typer
 
 from workers.cli.common import (
     EPILOG,
-    ExitCode,
     JsonOption,
     console,
     err_console,
@@ -18,6 +17,7 @@ from workers.cli.common import (
     relative,
     settings_or_exit,
 )
+from workers.cli.exit_codes import ExitCode
 
 contracts_app = typer.Typer(
     help=(

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import typer
 
-from workers.cli.common import ExitCode, console, fail, settings_or_exit
-from workers.devstack import StackError
-from workers.host import WorkerStartError
+from workers.cli.common import console, run_async, settings_or_exit
+from workers.cli.exit_codes import ExitCode
 
 
 def demo() -> None:
@@ -21,16 +18,11 @@ def demo() -> None:
 
     Example: onex demo
     """
-    from workers.demo import DemoEventsMissing, run_demo
+    from workers.demo import run_demo
     from workers.logging import configure_logging
 
     settings = settings_or_exit()
     configure_logging("warning")  # the demo's own output tells the story
-    try:
-        rows = asyncio.run(run_demo(settings, console))
-    except (StackError, DemoEventsMissing) as exc:
-        fail(ExitCode.UNAVAILABLE, str(exc))
-    except WorkerStartError as exc:
-        fail(ExitCode.UNAVAILABLE, str(exc))
+    rows = run_async(lambda: run_demo(settings, console))
     if any(row.result.status.value != "success" for row in rows):
         raise typer.Exit(ExitCode.PARTIAL)

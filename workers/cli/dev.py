@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -13,16 +11,16 @@ from rich.table import Table
 
 from workers.cli.common import (
     EPILOG,
-    ExitCode,
     JsonOption,
-    T,
     console,
     err_console,
-    fail,
     relative,
+    run,
+    run_async,
     settings_or_exit,
 )
-from workers.devstack import DevStack, ServiceName, ServiceStatus, StackError
+from workers.cli.exit_codes import ExitCode
+from workers.devstack import DevStack, ServiceName, ServiceStatus
 
 dev_app = typer.Typer(
     help=(
@@ -36,13 +34,6 @@ dev_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-
-
-def _run_stack(action: Callable[[], T]) -> T:
-    try:
-        return action()
-    except StackError as exc:
-        fail(ExitCode.UNAVAILABLE, str(exc))
 
 
 def _status_table(statuses: list[ServiceStatus]) -> Table:
@@ -84,7 +75,7 @@ def dev_up(as_json: JsonOption = False) -> None:
     started = time.monotonic()
     if not as_json:
         err_console.print(f"starting the embedded stack under {stack.state_dir} ...")
-    statuses = _run_stack(lambda: asyncio.run(stack.up()))
+    statuses = run_async(stack.up)
     _print_statuses(statuses, as_json=as_json)
     if not as_json:
         console.print(
@@ -103,7 +94,7 @@ def dev_down(
     Example: onex dev down --purge
     """
     stack = DevStack(settings_or_exit())
-    stopped = _run_stack(lambda: stack.down(purge=purge))
+    stopped = run(lambda: stack.down(purge=purge))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
     if purge:
         console.print(f"deleted {stack.state_dir}")

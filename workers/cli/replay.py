@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from workers.cli.common import ExitCode, JsonOption, console, fail, settings_or_exit
-from workers.cli.operations import _with_client
+from workers.cli.common import JsonOption, console, fail, run_async, settings_or_exit
+from workers.cli.exit_codes import ExitCode
+from workers.cli.operations import with_client
 
 
 def replay_command(
@@ -37,10 +37,10 @@ def replay_command(
         path = Path(source)
         if not path.exists():
             fail(ExitCode.NOT_FOUND, f"{source} does not exist")
-        outcomes = asyncio.run(replay_files(path))
+        outcomes = run_async(lambda: replay_files(path))
     else:
         settings = settings_or_exit()
-        outcomes = _with_client(settings, lambda client: replay_query(client, query or ""))
+        outcomes = with_client(settings, lambda client: replay_query(client, query or ""))
     failed = [outcome for outcome in outcomes if not outcome.ok]
     if as_json:
         typer.echo(json.dumps([outcome.__dict__ for outcome in outcomes], indent=2))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from activities.resilience.sanitize import sanitize_exception, sanitize_text
-from contracts.errors import ConfigurationError, InfraError
-from workers.cli.common import ExitCode, console, fail, settings_or_exit
-from workers.host import WorkerStartError
+from activities.resilience.sanitize import sanitize_exception
+from contracts.errors import InfraConnectionError, InfraError
+from workers.cli.common import console, run_async, settings_or_exit
 from workers.settings import OnexSettings
 
 
@@ -23,20 +22,20 @@ def worker() -> None:
     Example: onex dev up && onex worker
     """
     settings = settings_or_exit()
-    try:
-        asyncio.run(_serve(settings))
-    except ConfigurationError as exc:  # also a refused handler contract
-        fail(ExitCode.BAD_INPUT, f"cannot start the worker: {sanitize_text(str(exc))}")
-    except (WorkerStartError, InfraError) as exc:  # a backend or the secret store is away
-        fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_text(str(exc))}")
-    except RuntimeError as exc:  # e.g. the Temporal server cannot be reached
-        fail(ExitCode.UNAVAILABLE, f"cannot start the worker: {sanitize_exception(exc)}")
+    run_async(lambda: _serve(settings), failing="cannot start the worker")
 
 
 async def _serve(settings: OnexSettings) -> None:
     from workers.host import build_host, install_signal_handlers
 
-    host = await build_host(settings, workflows=_workflows())
+    try:
+        host = await build_host(settings, workflows=_workflows())
+    except InfraError:
+        raise
+    except RuntimeError as exc:  # the SDK's "Failed client connect"
+        raise InfraConnectionError(
+            f"cannot reach Temporal at {settings.temporal.target}: {sanitize_exception(exc)}"
+        ) from exc
     try:
         report = await host.start()
     except BaseException:
