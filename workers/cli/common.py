@@ -32,7 +32,7 @@ from temporalio.runtime import Runtime, TelemetryConfig
 from activities.resilience.sanitize import sanitize_exception, sanitize_text
 from contracts.errors import InfraConnectionError
 from workers.cli.exit_codes import ExitCode, describe, exit_code_for
-from workers.logging import configure_logging
+from workers.logging import LibraryLogs, configure_logging, show_library_logs
 from workers.settings import OnexSettings, SettingsError, load_settings
 
 EPILOG = (
@@ -51,18 +51,25 @@ logger = structlog.get_logger("onex.cli")
 
 
 def fail(code: ExitCode, message: str) -> NoReturn:
+    # What the libraries logged on the way (held back until now) explains the failure.
+    show_library_logs()
     err_console.print(
         f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True
     )
     raise typer.Exit(code)
 
 
-def settings_or_exit() -> OnexSettings:
+def settings_or_exit(*, library_logs: LibraryLogs = "on_failure") -> OnexSettings:
+    """The settings, with logging configured by them; exit 2 naming what is invalid.
+
+    A command shows the libraries' log records only when it fails (they explain why); a
+    service (the worker) shows them as they come.
+    """
     try:
         settings = load_settings()
     except SettingsError as exc:
         fail(ExitCode.BAD_INPUT, str(exc))
-    configure_logging(settings.worker.log_level)
+    configure_logging(settings.worker.log_level, libraries=library_logs)
     return settings
 
 

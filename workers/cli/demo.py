@@ -22,7 +22,7 @@ def demo() -> None:
     from workers.logging import configure_logging
 
     settings = settings_or_exit()
-    configure_logging("warning")  # the demo's own output tells the story
+    configure_logging("warning", libraries="on_failure")  # the demo's own output tells the story
     rows = run_async(lambda: run_demo(settings, console))
     if any(row.result.status.value != "success" for row in rows):
         raise typer.Exit(ExitCode.PARTIAL)

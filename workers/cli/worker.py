@@ -21,7 +21,7 @@ def worker() -> None:
 
     Example: onex dev up && onex worker
     """
-    settings = settings_or_exit()
+    settings = settings_or_exit(library_logs="live")
     run_async(lambda: _serve(settings), failing="cannot start the worker")
 
 
