@@ -7,7 +7,10 @@ Exit codes (the same for every command):
 * 3 — partial: some backends succeeded, the rest can be retried;
 * 4 — failed or compensated;
 * 5 — not found;
-* 6 — a service is unavailable (could not be started, reached or stopped).
+* 6 — a service is unavailable (could not be started, reached or stopped);
+* 1 — a bug (the message says so), 130 — interrupted (Ctrl-C).
+
+What a command raises decides its code, in one table: :mod:`workers.cli.exit_codes`.
 """
 
 from __future__ import annotations

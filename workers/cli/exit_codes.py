@@ -27,8 +27,6 @@ from contracts.errors import (
 )
 from contracts.operations_io import OperationStatus
 from workers.client import OperationFinished, OperationNotFound
-from workers.devstack import StackError
-from workers.host import WorkerStartError
 
 
 class ExitCode(IntEnum):
@@ -46,10 +44,9 @@ EXIT_CODES: Mapping[type[BaseException], ExitCode] = {
     # The error tree: a transient failure is a service that is down or unreachable.
     InfraTransientError: ExitCode.UNAVAILABLE,
     # A dependency that refuses for good (credentials, a secret it does not have) cannot be used
-    # as configured: the command could not reach a working service.
+    # as configured; so with the embedded stack (StackError) and a handler that cannot start
+    # (WorkerStartError): a service could not be started or reached.
     InfraPermanentError: ExitCode.UNAVAILABLE,
-    StackError: ExitCode.UNAVAILABLE,
-    WorkerStartError: ExitCode.UNAVAILABLE,
     ConfigurationError: ExitCode.BAD_INPUT,  # SettingsError, PlanError, an invalid request
     HandlerLoadError: ExitCode.BAD_INPUT,  # a refused handler contract or plugin
     OperationNotFound: ExitCode.NOT_FOUND,
