@@ -133,9 +133,10 @@ def run(work: Callable[[], T], *, failing: str = "") -> T:
 def run_async(body: Callable[[], Coroutine[Any, Any, T]], *, failing: str = "") -> T:
     """:func:`run` for asynchronous work: ``body()`` on an event loop of its own.
 
-    Give a function returning the coroutine, not the coroutine: one created here is closed
-    here too, even when the loop never starts it. The work must return plain data (a result
-    model, strings), never a client or a workflow handle, which would outlive the loop.
+    Give a function returning the coroutine, not the coroutine: then the coroutine is created,
+    run and dropped inside :func:`run`, and collected with the rest. The work must return plain
+    data (a result model, strings), never a client or a workflow handle, which would keep the
+    SDK alive after the loop.
     """
     return run(lambda: asyncio.run(body()), failing=failing)
 
