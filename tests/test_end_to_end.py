@@ -182,13 +182,26 @@ def _onex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _assert_quiet(run: subprocess.CompletedProcess[str], what: str) -> None:
+    """A command that succeeded wrote nothing on standard error: no library log line, no
+    traceback, no warning."""
+    assert run.stderr.strip() == "", (
+        f"{what} succeeded but wrote on stderr:\n{run.stderr}\nA library's log line is held "
+        "back until a failure (workers.logging, libraries='on_failure'); the command's own "
+        "story goes to stdout"
+    )
+
+
 async def test_onex_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
     """`onex demo` on its own stack: exit 0, a table of outcomes, the events on Kafka, the
-    workflows listed by CorrelationId with the temporal CLI, and no secret in any history."""
+    workflows listed by CorrelationId with the temporal CLI, no secret in any history, and a
+    quiet first screen: nothing on stderr (the broker probe's connection errors while it
+    waits, for one, are not shown)."""
     env = _cli_env(tmp_path)
     try:
         demo = _onex(env, "demo")
         assert demo.returncode == 0, f"{demo.stdout}\n{demo.stderr}"
+        _assert_quiet(demo, "onex demo")
         out = demo.stdout
         assert "3 of 3 registrations are on Kafka topic" in out
         assert "refused as bad input" in out
@@ -252,6 +265,7 @@ async def test_cli_register_status_retry_exit_codes(
         "--health-url", "http://127.0.0.1:9000/health", "--json",
     )  # fmt: skip
     assert registered.returncode == 0, registered.stderr
+    _assert_quiet(registered, "onex register-node")
     result = json.loads(registered.stdout)
     assert result["status"] == "success"
     assert {b["backend"]: b["status"] for b in result["backends"]} == {
@@ -263,6 +277,7 @@ async def test_cli_register_status_retry_exit_codes(
     status = await asyncio.to_thread(_onex, env, "status", workflow_id)
     assert status.returncode == 0, status.stderr
     assert "succeeded" in status.stdout
+    _assert_quiet(status, "onex status")
 
     retry = await asyncio.to_thread(_onex, env, "retry", workflow_id)
     assert retry.returncode == 2
@@ -270,6 +285,9 @@ async def test_cli_register_status_retry_exit_codes(
 
     missing = await asyncio.to_thread(_onex, env, "status", "onex-register-node-nobody")
     assert missing.returncode == 5, missing.stderr
+    assert missing.stderr.strip() == (
+        "error: no operation with workflow id 'onex-register-node-nobody'"
+    ), f"a failure is one line on stderr, nothing else: {missing.stderr}"
 
 
 async def test_breaker_transitions_are_announced_through_the_outbox(

@@ -1,30 +1,94 @@
-"""structlog, configured once by the entry point.
+"""structlog, configured once by the entry point, and the libraries' logs routed through it.
 
 JSON lines when standard error is not a terminal (a worker under a supervisor, CI), a readable
 console renderer when it is. Context variables are merged first, so whatever an activity binds
 (correlation id, workflow id, attempt) is on every line it logs.
+
+The libraries (aiokafka, asyncpg, temporalio, asyncio, Python warnings) log through the standard
+library. Their records, from WARNING up, are rendered by the same renderer, sanitized (a
+message through :func:`~activities.resilience.sanitize.sanitize_text`, an exception as one
+sanitized ``Type: message`` line instead of its traceback). Where they go depends on who runs:
+
+* ``libraries="live"`` (the worker, a service): on standard error as they happen;
+* ``libraries="on_failure"`` (a command, the demo): held back, and shown by
+  :func:`show_library_logs` only when the command fails, where they explain why. A client
+  library retrying while a server starts (aiokafka's ``Unable connect to ...`` while the
+  embedded broker boots) is noise when the command then succeeds.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 
+from activities.resilience.sanitize import sanitize_exception, sanitize_text
+
 Level = Literal["debug", "info", "warning", "error"]
+LibraryLogs = Literal["live", "on_failure"]
+
+# The last records a failing command shows: the ones nearest the failure explain it.
+HELD_RECORDS = 50
 
 
 def _stderr_logger(*_args: object) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
-def configure_logging(level: Level = "info", *, json: bool | None = None) -> None:
-    """Configure structlog and the standard library root logger.
+def _sanitized(_logger: Any, _method: str, event_dict: structlog.types.EventDict) -> Any:
+    """A library's record, safe to show: its message sanitized, its exception summarized."""
+    event_dict["event"] = sanitize_text(str(event_dict.get("event", "")))
+    exc_info = event_dict.pop("exc_info", None)
+    if isinstance(exc_info, tuple) and isinstance(exc_info[1], BaseException):
+        event_dict["error"] = sanitize_exception(exc_info[1])
+    elif isinstance(exc_info, BaseException):
+        event_dict["error"] = sanitize_exception(exc_info)
+    return event_dict
 
-    ``json=None`` picks JSON unless standard error is a terminal.
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test runner may replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+class _HeldRecords(logging.Handler):
+    """Keeps the last records until :meth:`show` writes them through ``target``, or exit."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__()
+        self.target = target
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=HELD_RECORDS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def show(self) -> None:
+        while self.records:
+            self.target.handle(self.records.popleft())
+
+
+# The handler this module put on the root logger, replaced (and only it) by each configuration:
+# others (a test runner's capture) stay.
+_installed: logging.Handler | None = None
+
+
+def configure_logging(
+    level: Level = "info", *, json: bool | None = None, libraries: LibraryLogs = "live"
+) -> None:
+    """Configure structlog, and route the standard library's records through it.
+
+    ``json=None`` picks JSON unless standard error is a terminal. Libraries log from WARNING up
+    (from ``level`` when it is higher); ``libraries`` says whether live or on failure only.
     """
+    global _installed
     use_json = not sys.stderr.isatty() if json is None else json
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [
@@ -47,5 +111,30 @@ def configure_logging(level: Level = "info", *, json: bool | None = None) -> Non
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
-    # Libraries (temporalio, aiokafka, asyncpg) log through the standard library.
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=sys.stderr, force=True)
+
+    stream = _StderrHandler()
+    stream.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _sanitized,  # before rendering: a library's traceback is summarized, not shown
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+    _installed = _HeldRecords(stream) if libraries == "on_failure" else stream
+    root.addHandler(_installed)
+    root.setLevel(max(numeric_level, logging.WARNING))
+    logging.captureWarnings(True)  # a library's warning is a log record like the others
+
+
+def show_library_logs() -> None:
+    """Write the library records held back so far (a failing command calls this)."""
+    if isinstance(_installed, _HeldRecords):
+        _installed.show()

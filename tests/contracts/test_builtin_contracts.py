@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from contracts.operation_contract import compile_plan
 from workers.cli import app
-from workers.cli_support import ExitCode
+from workers.cli.exit_codes import ExitCode
 from workers.settings import OnexSettings
 from workers.validate import validate_contracts
 

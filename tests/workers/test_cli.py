@@ -5,12 +5,27 @@ from __future__ import annotations
 import json
 
 import pytest
+import typer
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
+from contracts.errors import (
+    CompensationFailedError,
+    HandlerLoadError,
+    InfraConnectionError,
+    SecretResolutionError,
+)
+from contracts.operation_contract import PlanError
+from contracts.operations_io import OperationStatus
 from tests.support import free_port
 from workers.cli import app
-from workers.cli_support import ExitCode
+from workers.cli.common import run
+from workers.cli.exit_codes import ExitCode, exit_code_for
+from workers.client import OperationFinished, OperationNotFound
+from workers.demo import DemoEventsMissing
+from workers.devstack import PortInUseError, StackError
+from workers.host import WorkerStartError
+from workers.settings import SettingsError
 
 runner = CliRunner()
 
@@ -133,3 +148,72 @@ def test_worker_with_vault_away_exits_6_without_a_traceback(
     assert "Traceback" not in result.output
     assert "worker-token" not in result.output
     assert "team/db" not in result.output
+
+
+ERRORS_AND_CODES = [
+    (SettingsError("ONEX_POSTGRES__PORT: not a number"), ExitCode.BAD_INPUT),
+    (PlanError("step names no handler"), ExitCode.BAD_INPUT),
+    (HandlerLoadError("refused", loader_code="HANDLER_LOADER_001"), ExitCode.BAD_INPUT),
+    (OperationNotFound("onex-register-node-x"), ExitCode.NOT_FOUND),
+    (OperationFinished("onex-register-node-x", OperationStatus.SUCCESS), ExitCode.BAD_INPUT),
+    (CompensationFailedError("undo failed"), ExitCode.FAILED),
+    (InfraConnectionError("refused"), ExitCode.UNAVAILABLE),
+    (DemoEventsMissing("not on Kafka"), ExitCode.UNAVAILABLE),
+    (SecretResolutionError("no such secret"), ExitCode.UNAVAILABLE),
+    (StackError("kafka did not start"), ExitCode.UNAVAILABLE),
+    (PortInUseError("port taken"), ExitCode.UNAVAILABLE),
+    (WorkerStartError("postgres handler"), ExitCode.UNAVAILABLE),
+    (KeyboardInterrupt(), ExitCode.INTERRUPTED),
+    (ZeroDivisionError("a bug"), ExitCode.UNEXPECTED),
+]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"), ERRORS_AND_CODES, ids=lambda value: type(value).__name__
+)
+def test_exit_codes_follow_the_error_tree(error: BaseException, code: ExitCode) -> None:
+    """A command that raises exits with the code of the most specific class mapped."""
+    assert exit_code_for(error) is code, (
+        f"{type(error).__name__} should exit {code.name}: fix EXIT_CODES in "
+        "workers/cli/exit_codes.py (or the class's place in the error tree)"
+    )
+
+
+def test_a_failure_exits_with_its_code_and_one_line_not_a_traceback() -> None:
+    """`run` turns what the work raised into its code and a one-line message; a bug says it
+    is one, without a traceback."""
+
+    def missing() -> None:
+        raise OperationNotFound("no operation x")
+
+    with pytest.raises(typer.Exit) as not_found:
+        run(missing)
+    assert not_found.value.exit_code == ExitCode.NOT_FOUND
+
+    def bug() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    app_with_a_bug = typer.Typer(pretty_exceptions_enable=False)
+    app_with_a_bug.command()(lambda: run(bug))
+    result = runner.invoke(app_with_a_bug, [])
+    assert result.exit_code == ExitCode.UNEXPECTED
+    assert "unexpected ZeroDivisionError: division by zero" in result.output
+    assert "a bug" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_failing_command_shows_the_library_line_that_explains_it(
+    cli_env: dict[str, str],
+) -> None:
+    """`onex kafka create-topics` with no broker exits 6; the client library's own line
+    (held back while the command ran) is shown before the error, sanitized, without a
+    traceback."""
+    env = {**cli_env, "ONEX_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}
+    result = runner.invoke(app, ["kafka", "create-topics"], env=env)
+    assert result.exit_code == ExitCode.UNAVAILABLE, result.output
+    assert "Unable connect to" in result.output, (
+        "aiokafka's connection error explains the failure: show_library_logs() in fail() "
+        f"should print it; got: {result.output}"
+    )
+    assert result.output.index("Unable connect to") < result.output.index("error: cannot create")
+    assert "Traceback" not in result.output

@@ -1,30 +1,34 @@
-"""``onex register-node | deregister-node | retry | status | replay``: thin wrappers over the
+"""``onex register-node | deregister-node | retry | status``: thin wrappers over the
 client helpers in :mod:`workers.client`, which Python users call directly."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
-from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
+from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from activities.resilience.sanitize import sanitize_exception
+from contracts.errors import ConfigurationError, InfraUnavailableError
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
-from workers.cli_support import ExitCode, JsonOption, console, fail, settings_or_exit
+from workers.cli.common import (
+    JsonOption,
+    console,
+    fail,
+    run,
+    run_async,
+    settings_or_exit,
+    temporal_client,
+)
+from workers.cli.exit_codes import STATUS_EXIT, ExitCode
 from workers.client import (
-    OperationFinished,
     OperationNotFound,
     Operations,
-    connect,
     deregister_node,
     get_status,
     register_node,
@@ -36,29 +40,18 @@ from workers.settings import OnexSettings
 
 R = TypeVar("R")
 
-STATUS_EXIT = {
-    OperationStatus.SUCCESS: ExitCode.OK,
-    OperationStatus.RUNNING: ExitCode.OK,
-    OperationStatus.PARTIAL: ExitCode.PARTIAL,
-    OperationStatus.FAILED: ExitCode.FAILED,
-    OperationStatus.COMPENSATED: ExitCode.FAILED,
-    OperationStatus.COMPENSATION_FAILED: ExitCode.FAILED,
-}
 
+def with_client(settings: OnexSettings, action: Callable[[Client], Awaitable[R]]) -> R:
+    """``action(client)`` with a client of its own, or exit as :func:`run` does.
 
-def _with_client(settings: OnexSettings, action: Callable[[Client], Awaitable[R]]) -> R:
-    async def run() -> R:
-        try:
-            client = await connect(settings)
-        except RuntimeError as exc:
-            fail(
-                ExitCode.UNAVAILABLE,
-                f"cannot reach Temporal at {settings.temporal.target}: "
-                f"{sanitize_exception(exc)} (is `onex dev up` running?)",
-            )
-        return await action(client)
+    ``action`` returns plain data: the client is gone when this returns.
+    """
 
-    return asyncio.run(run())
+    async def body() -> R:
+        async with temporal_client(settings) as client:
+            return await action(client)
+
+    return run_async(body)
 
 
 def result_table(result: OperationResult) -> Table:
@@ -79,7 +72,7 @@ def result_table(result: OperationResult) -> Table:
     return table
 
 
-def report(result: OperationResult, *, as_json: bool) -> None:
+def report(result: OperationResult, *, as_json: bool) -> NoReturn:
     """Print the result and exit with the code its status calls for."""
     if as_json:
         typer.echo(result.model_dump_json(indent=2))
@@ -105,14 +98,14 @@ def _parse_metadata(pairs: list[str]) -> dict[str, str]:
 
 
 def _request_or_exit(model: type[R], data: dict[str, Any]) -> R:
+    return run(lambda: model.model_validate(data))  # type: ignore[attr-defined, no-any-return]
+
+
+def _load_operations(settings: OnexSettings) -> Operations:
     try:
-        return model.model_validate(data)  # type: ignore[attr-defined, no-any-return]
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        fail(ExitCode.BAD_INPUT, f"invalid request: {problems}")
+        return Operations.load(settings)
+    except ValueError as exc:  # the contracts are invalid: they must change first
+        raise ConfigurationError(str(exc)) from exc
 
 
 def _start(
@@ -122,22 +115,19 @@ def _start(
     *,
     as_json: bool,
 ) -> None:
-    try:
-        operations = Operations.load(settings)
-    except ValueError as exc:
-        fail(ExitCode.BAD_INPUT, str(exc))
+    operations = run(lambda: _load_operations(settings))
 
-    async def run(client: Client) -> Any:
-        try:
-            return await starter(client, request, settings=settings, operations=operations)
-        except WorkflowFailureError as failure:
-            fail(ExitCode.FAILED, f"the operation failed: {failure.cause}")
+    async def start(client: Client) -> OperationResult | dict[str, str | None]:
+        outcome = await starter(client, request, settings=settings, operations=operations)
+        if isinstance(outcome, OperationResult):
+            return outcome
+        # A handle: only its ids leave the event loop (the handle holds the client).
+        return {"workflow_id": outcome.id, "run_id": outcome.result_run_id, "status": "started"}
 
-    outcome = _with_client(settings, run)
+    outcome = with_client(settings, start)
     if isinstance(outcome, OperationResult):
         report(outcome, as_json=as_json)
-    message = {"workflow_id": outcome.id, "run_id": outcome.result_run_id, "status": "started"}
-    typer.echo(json.dumps(message) if as_json else f"started {outcome.id}")
+    typer.echo(json.dumps(outcome) if as_json else f"started {outcome['workflow_id']}")
 
 
 def register_node_command(
@@ -226,19 +216,17 @@ def retry_command(
     """
     settings = settings_or_exit()
 
-    async def run(client: Client) -> OperationResult:
+    async def retry(client: Client) -> OperationResult:
         try:
             return await retry_failed(client, workflow_id, backend)
         except OperationNotFound:
-            fail(ExitCode.NOT_FOUND, f"no operation with workflow id {workflow_id!r}")
-        except OperationFinished as finished:
-            fail(ExitCode.BAD_INPUT, str(finished))
+            raise OperationNotFound(f"no operation with workflow id {workflow_id!r}") from None
         except WorkflowUpdateFailedError as refused:
-            fail(ExitCode.BAD_INPUT, f"retry refused: {refused.cause}")
+            raise ConfigurationError(f"retry refused: {refused.cause}") from None
         except RPCError as error:
-            fail(ExitCode.UNAVAILABLE, f"cannot retry {workflow_id}: {error.message}")
+            raise InfraUnavailableError(f"cannot retry {workflow_id}: {error.message}") from None
 
-    report(_with_client(settings, run), as_json=as_json)
+    report(with_client(settings, retry), as_json=as_json)
 
 
 def status_command(
@@ -254,57 +242,14 @@ def status_command(
     """
     settings = settings_or_exit()
 
-    async def run(client: Client) -> OperationResult:
+    async def status(client: Client) -> OperationResult:
         try:
             return await get_status(client, workflow_id)
         except OperationNotFound:
-            fail(ExitCode.NOT_FOUND, f"no operation with workflow id {workflow_id!r}")
+            raise OperationNotFound(f"no operation with workflow id {workflow_id!r}") from None
         except RPCError as error:  # e.g. no worker is polling to answer the query
-            fail(
-                ExitCode.UNAVAILABLE,
-                f"cannot read the status of {workflow_id}: {error.message} (is a worker running?)",
-            )
+            raise InfraUnavailableError(
+                f"cannot read the status of {workflow_id}: {error.message} (is a worker running?)"
+            ) from None
 
-    report(_with_client(settings, run), as_json=as_json)
-
-
-def replay_command(
-    source: Annotated[
-        str | None,
-        typer.Argument(help="A history JSON file or a directory of them"),
-    ] = None,
-    query: Annotated[
-        str | None,
-        typer.Option(help="Replay the histories of the workflows a visibility query lists"),
-    ] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Replay recorded histories against the current workflow code (non-determinism check).
-
-    Examples: onex replay tests/histories/ ;
-    onex replay --query "OnexOperation='register_node' AND CloseTime > '2026-01-01T00:00:00Z'"
-    """
-    from workers.replay import replay_files, replay_query
-
-    if (source is None) == (query is None):
-        fail(ExitCode.BAD_INPUT, "give a history file or directory, or --query (one of them)")
-    if source is not None:
-        path = Path(source)
-        if not path.exists():
-            fail(ExitCode.NOT_FOUND, f"{source} does not exist")
-        outcomes = asyncio.run(replay_files(path))
-    else:
-        settings = settings_or_exit()
-        outcomes = _with_client(settings, lambda client: replay_query(client, query or ""))
-    failed = [outcome for outcome in outcomes if not outcome.ok]
-    if as_json:
-        typer.echo(json.dumps([outcome.__dict__ for outcome in outcomes], indent=2))
-    else:
-        for outcome in outcomes:
-            mark = "ok    " if outcome.ok else "FAILED"
-            console.print(f"{mark} {outcome.name} {outcome.error or ''}", markup=False)
-        console.print(f"{len(outcomes)} replayed, {len(failed)} failed")
-    if not outcomes:
-        raise typer.Exit(ExitCode.NOT_FOUND)
-    if failed:
-        raise typer.Exit(ExitCode.FAILED)
+    report(with_client(settings, status), as_json=as_json)
