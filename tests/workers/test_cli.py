@@ -41,6 +41,7 @@ COMMANDS = [
     ["register-node"],
     ["deregister-node"],
     ["retry"],
+    ["compensate"],
     ["status"],
     ["replay"],
     ["contracts"],

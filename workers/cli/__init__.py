@@ -4,7 +4,8 @@ Exit codes (the same for every command):
 
 * 0 — done;
 * 2 — bad input: a wrong option, argument or setting (the message says which and how to fix it);
-* 3 — partial: some backends succeeded, the rest can be retried;
+* 3 — needs you: partial (retry the failed backends) or compensation paused (resume or
+  abandon the undo);
 * 4 — failed or compensated;
 * 5 — not found;
 * 6 — a service is unavailable (could not be started, reached or stopped);
@@ -45,6 +46,7 @@ app.add_typer(contracts_app, name="contracts")
 app.command("register-node")(operations.register_node_command)
 app.command("deregister-node")(operations.deregister_node_command)
 app.command("retry")(operations.retry_command)
+app.command("compensate")(operations.compensate_command)
 app.command("status")(operations.status_command)
 app.command("replay")(replay_command)
 app.add_typer(db_app, name="db")

@@ -37,8 +37,8 @@ from workers.settings import OnexSettings, SettingsError, load_settings
 
 EPILOG = (
     "Settings come from ONEX_<SECTION>__<KEY> environment variables (or a .env file), "
-    "e.g. ONEX_POSTGRES__PORT=5433. Exit codes: 0 ok, 2 bad input, 3 partial, "
-    "4 failed/compensated, 5 not found, 6 service unavailable."
+    "e.g. ONEX_POSTGRES__PORT=5433. Exit codes: 0 ok, 2 bad input, 3 partial or compensation "
+    "paused, 4 failed/compensated, 5 not found, 6 service unavailable."
 )
 
 # Off a terminal (CI, pipes), rich would wrap tables at 80 columns: ids are longer than that.

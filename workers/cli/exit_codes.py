@@ -64,6 +64,8 @@ STATUS_EXIT: Mapping[OperationStatus, ExitCode] = {
     OperationStatus.SUCCESS: ExitCode.OK,
     OperationStatus.RUNNING: ExitCode.OK,
     OperationStatus.PARTIAL: ExitCode.PARTIAL,
+    # Like partial, it waits for an operator: `onex compensate --resume | --abandon`.
+    OperationStatus.COMPENSATION_PAUSED: ExitCode.PARTIAL,
     OperationStatus.FAILED: ExitCode.FAILED,
     OperationStatus.COMPENSATED: ExitCode.FAILED,
     OperationStatus.COMPENSATION_FAILED: ExitCode.FAILED,

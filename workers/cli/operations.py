@@ -29,9 +29,11 @@ from workers.cli.exit_codes import STATUS_EXIT, ExitCode
 from workers.client import (
     OperationNotFound,
     Operations,
+    abandon_compensation,
     deregister_node,
     get_status,
     register_node,
+    resume_compensation,
     retry_failed,
     start_deregister_node,
     start_register_node,
@@ -80,11 +82,29 @@ def report(result: OperationResult, *, as_json: bool) -> NoReturn:
         console.print(result_table(result))
         console.print(f"workflow id:    {result.workflow_id}", markup=False, highlight=False)
         console.print(f"correlation id: {result.correlation_id}", markup=False, highlight=False)
-        if result.status is OperationStatus.PARTIAL:
-            console.print(
-                f"retry with: onex retry {result.workflow_id}", markup=False, highlight=False
-            )
+        for line in _report_notes(result):
+            console.print(line, markup=False, highlight=False)
     raise typer.Exit(STATUS_EXIT[result.status])
+
+
+def _report_notes(result: OperationResult) -> list[str]:
+    """What the operator should know (and may do) beyond the table."""
+    notes = []
+    if result.reason:
+        notes.append(f"reason:         {result.reason}")
+    if result.undelivered_events:
+        notes.append(
+            "undelivered events (not queued in the outbox): " + ", ".join(result.undelivered_events)
+        )
+    if result.status is OperationStatus.PARTIAL:
+        notes.append(f"retry with: onex retry {result.workflow_id}")
+    if result.status is OperationStatus.COMPENSATION_PAUSED:
+        notes.append(
+            f"fix the backend, then: onex compensate {result.workflow_id} --resume\n"
+            f"or, once undone by hand: onex compensate {result.workflow_id} --abandon "
+            '--reason "..."'
+        )
+    return notes
 
 
 def _parse_metadata(pairs: list[str]) -> dict[str, str]:
@@ -200,6 +220,29 @@ def deregister_node_command(
     _start(settings, starter, request, as_json=as_json)
 
 
+def _send_update(
+    workflow_id: str,
+    verb: str,
+    send: Callable[[Client], Awaitable[OperationResult]],
+    *,
+    as_json: bool,
+) -> NoReturn:
+    """Send one Update to an operation and report the result it answers with."""
+    settings = settings_or_exit()
+
+    async def update(client: Client) -> OperationResult:
+        try:
+            return await send(client)
+        except OperationNotFound:
+            raise OperationNotFound(f"no operation with workflow id {workflow_id!r}") from None
+        except WorkflowUpdateFailedError as refused:
+            raise ConfigurationError(f"{verb} refused: {refused.cause}") from None
+        except RPCError as error:
+            raise InfraUnavailableError(f"cannot {verb} {workflow_id}: {error.message}") from None
+
+    report(with_client(settings, update), as_json=as_json)
+
+
 def retry_command(
     workflow_id: Annotated[str, typer.Argument(help="The partial operation's workflow id")],
     backend: Annotated[
@@ -214,19 +257,59 @@ def retry_command(
 
     Example: onex retry onex-register-node-3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70 --backend consul
     """
-    settings = settings_or_exit()
+    _send_update(
+        workflow_id,
+        "retry",
+        lambda client: retry_failed(client, workflow_id, backend),
+        as_json=as_json,
+    )
 
-    async def retry(client: Client) -> OperationResult:
-        try:
-            return await retry_failed(client, workflow_id, backend)
-        except OperationNotFound:
-            raise OperationNotFound(f"no operation with workflow id {workflow_id!r}") from None
-        except WorkflowUpdateFailedError as refused:
-            raise ConfigurationError(f"retry refused: {refused.cause}") from None
-        except RPCError as error:
-            raise InfraUnavailableError(f"cannot retry {workflow_id}: {error.message}") from None
 
-    report(with_client(settings, retry), as_json=as_json)
+def compensate_command(
+    workflow_id: Annotated[
+        str, typer.Argument(help="The workflow id of an operation in compensation_paused")
+    ],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Run the stuck compensations again")
+    ] = False,
+    abandon: Annotated[
+        bool,
+        typer.Option("--abandon", help="Give up on them: the operation ends compensation_failed"),
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="Why you abandon (required with --abandon; kept in history)")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Settle an operation whose undo is paused (status compensation_paused, exit 3).
+
+    A compensation that kept failing pauses the operation instead of ending it, so that
+    nothing is left half undone without someone knowing. Fix the backend, then --resume; or,
+    after undoing by hand, --abandon with a --reason. Refused (exit 2) when the operation is
+    not paused; exit 5 when there is no such workflow.
+
+    Example: onex compensate onex-register-node-3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70 --resume
+    """
+    if resume == abandon:
+        fail(ExitCode.BAD_INPUT, "give exactly one of --resume or --abandon")
+    if resume and reason is not None:
+        fail(ExitCode.BAD_INPUT, "--reason goes with --abandon, not --resume")
+    if resume:
+        _send_update(
+            workflow_id,
+            "resume",
+            lambda client: resume_compensation(client, workflow_id),
+            as_json=as_json,
+        )
+    if not (reason and reason.strip()):
+        fail(ExitCode.BAD_INPUT, '--abandon needs --reason "...": say what was done by hand')
+    abandoning = reason
+    _send_update(
+        workflow_id,
+        "abandon",
+        lambda client: abandon_compensation(client, workflow_id, abandoning),
+        as_json=as_json,
+    )
 
 
 def status_command(
