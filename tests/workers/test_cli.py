@@ -20,7 +20,7 @@ from contracts.operations_io import OperationStatus
 from tests.support import free_port
 from workers.cli import app
 from workers.cli.common import run
-from workers.cli.exit_codes import ExitCode, exit_code_for
+from workers.cli.exit_codes import STATUS_EXIT, ExitCode, exit_code_for
 from workers.client import OperationFinished, OperationNotFound
 from workers.demo import DemoEventsMissing
 from workers.devstack import PortInUseError, StackError
@@ -218,3 +218,9 @@ def test_a_failing_command_shows_the_library_line_that_explains_it(
     )
     assert result.output.index("Unable connect to") < result.output.index("error: cannot create")
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("status", list(OperationStatus), ids=lambda s: s.value)
+def test_every_operation_status_has_an_exit_code(status: OperationStatus) -> None:
+    """A status the table does not know would end a command in a KeyError."""
+    assert status in STATUS_EXIT
