@@ -12,7 +12,7 @@ a contract change never alters a workflow already running (``version`` says whic
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -76,6 +76,14 @@ class OperationContract(_Contract):
     aggregation: Literal["all_or_nothing", "all_or_partial"] = "all_or_nothing"
     partial_failure: PartialFailureContract = PartialFailureContract()
     events: EventsContract = EventsContract()
+    supersedes: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Operations on the same node this one overrides: one of them waiting in partial "
+            "for a retry is closed (compensated) so that this one runs next"
+        ),
+        examples=[["register_node"]],
+    )
 
     @model_validator(mode="after")
     def _backends_are_unique(self) -> OperationContract:
@@ -113,6 +121,8 @@ class OperationPlan(_Contract):
     on_failure_event: str | None = None
     event_activity: str | None = None
     event_policy: ResiliencePolicy | None = None
+    # Plans recorded before the per-node workflow have none: they override nothing.
+    supersedes: tuple[str, ...] = ()
 
     def step(self, backend: str) -> PlanStep:
         for step in self.steps:
@@ -181,6 +191,7 @@ def compile_plan(
         steps=tuple(steps),
         on_success_event=contract.events.on_success,
         on_failure_event=contract.events.on_failure,
+        supersedes=contract.supersedes,
     )
 
 
@@ -216,3 +227,14 @@ def plan_problems(
                 f"handler {step.handler!r}"
             )
     return problems
+
+
+def supersedes_problems(contract: OperationContract, known: Collection[str]) -> list[str]:
+    """``contract`` may supersede only operations that some contract (``known``) defines."""
+    unknown = sorted(set(contract.supersedes) - set(known))
+    if not unknown:
+        return []
+    return [
+        f"operation {contract.operation!r}: supersedes {', '.join(unknown)}, which no "
+        f"operation contract defines (known: {', '.join(sorted(known))})"
+    ]

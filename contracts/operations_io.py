@@ -26,6 +26,8 @@ class OperationStatus(StrEnum):
     # Compensations ran out of budget: the operation stays open, waiting for an operator to
     # resume them (``resume_compensation``) or to give up (``abandon``).
     COMPENSATION_PAUSED = "compensation_paused"
+    # Accepted by the node's workflow, waiting for the operations on the node before it.
+    QUEUED = "queued"
 
 
 class StepStatus(StrEnum):

@@ -24,38 +24,49 @@ operations does not load asyncpg, aiokafka, consul or hvac. The worker checks th
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TypeAlias
+from typing import Any
 
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WithStartWorkflowOperation,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateStage,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import ApplicationError
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.resilience.correlation import ensure_correlation_id
-from contracts.errors import CompensationFailedError, OperationError
-from contracts.operation_contract import OperationContract, OperationPlan, PlanError, compile_plan
+from contracts.errors import OperationError
+from contracts.node import NodeInput, NodeState, Submission, node_workflow_id
+from contracts.operation_contract import (
+    OperationContract,
+    OperationPlan,
+    PlanError,
+    compile_plan,
+    supersedes_problems,
+)
 from contracts.operations_io import OperationInput, OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
-from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
+from contracts.search_attributes import NODE_ID, operation_attributes
 from workers.contract_files import read_handlers, read_operations
 from workers.converter import DATA_CONVERTER
 from workers.interceptors import CorrelationInterceptor
 from workers.settings import OnexSettings
-from workflows.operation import OperationWorkflow
-
-OperationHandle: TypeAlias = WorkflowHandle[OperationWorkflow, OperationResult]
-"""A started operation: ``await result_of(handle)`` for its result, ``handle.id`` to find it."""
+from workflows.node import NodeWorkflow
+from workflows.operation import OperationWorkflow, result_in_failure
 
 
 async def connect(settings: OnexSettings, *, runtime: Runtime | None = None) -> Client:
@@ -135,6 +146,7 @@ class Operations:
                 plans[name] = compile_plan(contract, handlers.contracts)
             except PlanError as error:
                 problems.append(error.message)
+            problems += supersedes_problems(contract, operations.contracts)
         if problems:
             raise PlanError(f"the contracts are invalid: {'; '.join(problems)}")
         return cls(
@@ -159,39 +171,54 @@ async def start_operation(
     *,
     settings: OnexSettings,
     operations: Operations | None = None,
+    request_id: str | None = None,
 ) -> OperationHandle:
-    """Start ``operation`` for ``request``; a start for a still-running id attaches to it.
+    """Hand ``operation`` for ``request`` to Temporal; the handle once it is accepted.
+
+    A request that names a node goes to that node's workflow (``onex-node-<node_id>``, started
+    if need be) in one update-with-start call: it runs after the operations on the node before
+    it, and an identical request still open is attached to, not run twice. Other requests
+    start their operation workflow directly (a start for a still-running id attaches to it).
 
     The correlation id is the request's, or a new one (then written into the request). The
-    plans are ``operations``, or the configured ones (:meth:`Operations.load`).
+    plans are ``operations``, or the configured ones (:meth:`Operations.load`). ``request_id``
+    makes a repeated send of the same request (a redelivered message) the same Update.
     """
-    if operations is None:
-        operations = Operations.load(settings)
-    contract = operations.contracts[operation]
-    correlation_id = ensure_correlation_id(getattr(request, "correlation_id", None))
-    if hasattr(request, "correlation_id"):
-        request = request.model_copy(update={"correlation_id": correlation_id})
-    data = request.model_dump(mode="json")
-    workflow_id = contract.workflow_id.format(**data)
-    attributes = [
-        SearchAttributePair(CORRELATION_ID, str(correlation_id)),
-        SearchAttributePair(ONEX_OPERATION, operation),
-        SearchAttributePair(ONEX_STATUS, OperationStatus.RUNNING.value),
-    ]
-    if "node_id" in data:
-        attributes.append(SearchAttributePair(NODE_ID, str(data["node_id"])))
-    return await client.start_workflow(
-        OperationWorkflow.run,
-        OperationInput(
-            plan=operations.plans[operation], request=data, correlation_id=correlation_id
-        ),
-        id=workflow_id,
-        task_queue=settings.worker.task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        search_attributes=TypedSearchAttributes(attributes),
-        memo={"operation": operation, "correlation_id": str(correlation_id)},
+    submission = _submission(operation, request, settings=settings, operations=operations)
+    node_id = submission.operation.request.get("node_id")
+    if node_id is None:
+        workflow = await client.start_workflow(
+            OperationWorkflow.run,
+            submission.operation,
+            id=submission.workflow_id,
+            task_queue=settings.worker.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            search_attributes=_attributes(submission),
+            memo=_memo(submission),
+        )
+        return OperationHandle(submission.workflow_id, None, lambda: _workflow_result(workflow))
+    update = await client.start_update_with_start_workflow(
+        NodeWorkflow.submit,
+        submission,
+        start_workflow_operation=_node_start(node_id, settings),
+        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+        id=request_id,
     )
+    # A refusal (the validator's: the node's queue is full) comes back as an outcome already
+    # known at acceptance; result() then raises it at once, without a call. The SDK has no
+    # public "known outcome" accessor, hence the private attribute.
+    if getattr(update, "_known_outcome", None) is not None:
+        known = await update.result()
+        return OperationHandle(submission.workflow_id, node_workflow_id(node_id), _known(known))
+    return OperationHandle(submission.workflow_id, node_workflow_id(node_id), update.result)
+
+
+def _known(result: OperationResult) -> Callable[[], Awaitable[OperationResult]]:
+    async def known() -> OperationResult:
+        return result
+
+    return known
 
 
 async def run_operation(
@@ -201,23 +228,111 @@ async def run_operation(
     *,
     settings: OnexSettings,
     operations: Operations | None = None,
+    request_id: str | None = None,
 ) -> OperationResult:
-    """Start ``operation`` (as :func:`start_operation`) and wait for its result."""
-    handle = await start_operation(
-        client, operation, request, settings=settings, operations=operations
+    """Run ``operation`` (as :func:`start_operation`) and wait for its result.
+
+    For a node's operation this is one call: the update-with-start returns the result.
+    """
+    submission = _submission(operation, request, settings=settings, operations=operations)
+    node_id = submission.operation.request.get("node_id")
+    if node_id is None:
+        return await result_of(
+            await start_operation(
+                client, operation, request, settings=settings, operations=operations
+            )
+        )
+    return await client.execute_update_with_start_workflow(
+        NodeWorkflow.submit,
+        submission,
+        start_workflow_operation=_node_start(node_id, settings),
+        id=request_id,
     )
-    return await result_of(handle)
 
 
-async def result_of(handle: OperationHandle) -> OperationResult:
+_OperationWorkflowHandle = WorkflowHandle[OperationWorkflow, OperationResult]
+
+
+@dataclass(frozen=True)
+class OperationHandle:
+    """An accepted operation: ``await handle.result()`` (or :func:`result_of`) for its result.
+
+    ``id`` is the operation's workflow id, which ``onex status``, :func:`get_status` and
+    :func:`retry_failed` take; ``node_workflow_id`` is the node workflow that runs it in turn
+    (None for an operation that names no node).
+    """
+
+    id: str
+    node_workflow_id: str | None
+    _result: Callable[[], Awaitable[OperationResult]] = field(repr=False)
+
+    async def result(self) -> OperationResult:
+        return await self._result()
+
+
+async def result_of(handle: OperationHandle | _OperationWorkflowHandle) -> OperationResult:
     """The operation's result; a failed compensation's result is read from its failure."""
+    if isinstance(handle, OperationHandle):
+        return await handle.result()
+    return await _workflow_result(handle)
+
+
+async def _workflow_result(handle: _OperationWorkflowHandle) -> OperationResult:
     try:
         return await handle.result()
     except WorkflowFailureError as failure:
-        cause = failure.cause
-        if isinstance(cause, ApplicationError) and cause.type == CompensationFailedError.__name__:
-            return OperationResult.model_validate(cause.details[0])
-        raise
+        failed = result_in_failure(failure.cause)
+        if failed is None:
+            raise
+        return failed
+
+
+def _submission(
+    operation: str,
+    request: BaseModel,
+    *,
+    settings: OnexSettings,
+    operations: Operations | None,
+) -> Submission:
+    if operations is None:
+        operations = Operations.load(settings)
+    contract = operations.contracts[operation]
+    correlation_id = ensure_correlation_id(getattr(request, "correlation_id", None))
+    if hasattr(request, "correlation_id"):
+        request = request.model_copy(update={"correlation_id": correlation_id})
+    data = request.model_dump(mode="json")
+    return Submission(
+        workflow_id=contract.workflow_id.format(**data),
+        operation=OperationInput(
+            plan=operations.plans[operation], request=data, correlation_id=correlation_id
+        ),
+    )
+
+
+def _attributes(submission: Submission) -> TypedSearchAttributes:
+    operation = submission.operation
+    node_id = operation.request.get("node_id")
+    return operation_attributes(
+        operation.plan.operation,
+        str(operation.correlation_id),
+        None if node_id is None else str(node_id),
+    )
+
+
+def _memo(submission: Submission) -> dict[str, str]:
+    operation = submission.operation
+    return {"operation": operation.plan.operation, "correlation_id": str(operation.correlation_id)}
+
+
+def _node_start(node_id: str, settings: OnexSettings) -> WithStartWorkflowOperation[Any, Any]:
+    return WithStartWorkflowOperation(
+        NodeWorkflow.run,
+        NodeInput(node_id=uuid.UUID(str(node_id))),
+        id=node_workflow_id(node_id),
+        task_queue=settings.worker.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=TypedSearchAttributes([SearchAttributePair(NODE_ID, str(node_id))]),
+    )
 
 
 async def start_register_node(
@@ -241,8 +356,8 @@ async def register_node(
     operations: Operations | None = None,
 ) -> OperationResult:
     """Register a node (Consul and PostgreSQL at once) and wait for the result."""
-    return await result_of(
-        await start_register_node(client, request, settings=settings, operations=operations)
+    return await run_operation(
+        client, "register_node", request, settings=settings, operations=operations
     )
 
 
@@ -267,8 +382,8 @@ async def deregister_node(
     operations: Operations | None = None,
 ) -> OperationResult:
     """Remove a node from Consul and deactivate it in PostgreSQL, and wait for the result."""
-    return await result_of(
-        await start_deregister_node(client, request, settings=settings, operations=operations)
+    return await run_operation(
+        client, "deregister_node", request, settings=settings, operations=operations
     )
 
 
@@ -308,10 +423,14 @@ async def _update(
     client: Client,
     workflow_id: str,
     action: str,
-    send: Callable[[OperationHandle], Awaitable[OperationResult]],
+    send: Callable[
+        [WorkflowHandle[OperationWorkflow, OperationResult]], Awaitable[OperationResult]
+    ],
 ) -> OperationResult:
     """Send an Update; a closed (or missing) workflow says so instead of a bare NOT_FOUND."""
-    handle: OperationHandle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
+    handle: _OperationWorkflowHandle = client.get_workflow_handle(
+        workflow_id, result_type=OperationResult
+    )
     try:
         return await send(handle)
     except RPCError as error:
@@ -323,10 +442,58 @@ async def _update(
 
 
 async def get_status(client: Client, workflow_id: str) -> OperationResult:
-    """The current (or final) status of an operation."""
-    handle: OperationHandle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
+    """The current (or final) status of an operation; ``queued`` while it waits its turn."""
+    handle = client.get_workflow_handle(workflow_id, result_type=OperationResult)
     try:
         return await handle.query(OperationWorkflow.status)
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+    waiting = await _queued(client, workflow_id)
+    if waiting is None:
+        raise OperationNotFound(workflow_id)
+    return waiting
+
+
+async def _queued(client: Client, workflow_id: str) -> OperationResult | None:
+    """The operation ``workflow_id`` as its node's workflow holds it, if it waits there.
+
+    Operation workflow ids end with the node id (the contracts' ``...-{node_id}``), and an
+    accepted operation has no workflow of its own until its turn comes.
+    """
+    try:
+        node_id = uuid.UUID(workflow_id[-36:])
+        state = await get_node_state(client, node_id)
+    except (ValueError, OperationNotFound):
+        return None
+    for ahead, entry in enumerate(([state.running] if state.running else []) + state.queued):
+        if entry.workflow_id == workflow_id:
+            return OperationResult(
+                operation=entry.operation,
+                workflow_id=workflow_id,
+                status=OperationStatus.QUEUED,
+                backends=[],
+                correlation_id=entry.correlation_id,
+                duration_ms=0.0,
+                failed_backends=[],
+                reason=(
+                    f"waiting behind {ahead} operation(s) on node {node_id}: "
+                    f"onex status {state.workflow_id}"
+                    if ahead
+                    else "accepted; its workflow is starting"
+                ),
+            )
+    return None
+
+
+async def get_node_state(client: Client, node_id: uuid.UUID | str) -> NodeState:
+    """What the node's workflow runs and has waiting (``node_id``, or its workflow id)."""
+    workflow_id = str(node_id)
+    if not workflow_id.startswith(node_workflow_id("")):
+        workflow_id = node_workflow_id(node_id)
+    handle = client.get_workflow_handle(workflow_id, result_type=NodeState)
+    try:
+        return await handle.query(NodeWorkflow.state)
     except RPCError as error:
         if error.status == RPCStatusCode.NOT_FOUND:
             raise OperationNotFound(workflow_id) from None

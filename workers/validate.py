@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.handler_contract import HandlerContract
-from contracts.operation_contract import OperationContract, plan_problems
+from contracts.operation_contract import OperationContract, plan_problems, supersedes_problems
 from workers.contract_files import read_operations
 from workers.loader import load_handlers
 from workers.settings import OnexSettings
@@ -62,5 +62,9 @@ def validate_contracts(settings: OnexSettings, paths: Sequence[Path] = ()) -> Va
         problems += [
             Problem("OPERATION_STEP", operation.operation, message)
             for message in plan_problems(operation, handlers)
+        ]
+        problems += [
+            Problem("OPERATION_SUPERSEDES", operation.operation, message)
+            for message in supersedes_problems(operation, operations)
         ]
     return ValidationReport(report.contracts, operations, problems)

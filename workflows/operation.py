@@ -102,6 +102,9 @@ class OperationWorkflow:
         self._resume_requested = False
         self._abandon_reason: str | None = None
         self._compensation_rounds = 0
+        # Set by the node workflow when a later operation overrides this one (a deregister of
+        # the node): a retry window still open closes now and compensates.
+        self._superseded_by: str | None = None
 
     @workflow.run
     async def run(self, operation: OperationInput) -> OperationResult:
@@ -182,6 +185,8 @@ class OperationWorkflow:
     def _validate_retry(self, backend: str | None = None) -> None:
         if self._compensating or self._cancel_requested:
             raise ValueError("nothing to retry: the operation is being compensated")
+        if self._superseded_by is not None:
+            raise ValueError(f"nothing to retry: superseded by {self._superseded_by}")
         if self._require_input().plan.aggregation == "all_or_nothing":
             raise ValueError("nothing to retry: this operation is all or nothing")
         if self._status is not OperationStatus.PARTIAL or self._retrying:
@@ -201,6 +206,15 @@ class OperationWorkflow:
                 f"backend {backend!r} did not fail ({self._results[backend].status.value}); "
                 f"failed backends: {', '.join(self._failed_backends()) or 'none'}"
             )
+
+    @workflow.signal
+    def supersede(self, reason: str) -> None:
+        """A later operation overrides this one: stop waiting for a retry and compensate.
+
+        Sent by the node workflow. It matters only while the operation waits in ``partial``;
+        an operation still running its steps ends as it would, and the later one runs after.
+        """
+        self._superseded_by = reason
 
     @workflow.update
     async def resume_compensation(self) -> OperationResult:
@@ -351,9 +365,14 @@ class OperationWorkflow:
     async def _await_retries(self, window_seconds: float) -> None:
         """Stay open in ``partial`` until retries succeed or the window expires (compensate)."""
         self._publish_attributes()
+        # No patch needed for the supersede condition: histories without the signal never
+        # see it set, so they wait exactly as before.
         try:
             await workflow.wait_condition(
-                lambda: self._status is not OperationStatus.PARTIAL and not self._retrying,
+                lambda: (
+                    (self._status is not OperationStatus.PARTIAL or self._superseded_by is not None)
+                    and not self._retrying
+                ),
                 timeout=timedelta(seconds=window_seconds),
             )
         except TimeoutError:
@@ -362,6 +381,11 @@ class OperationWorkflow:
             if self._status is OperationStatus.PARTIAL:
                 workflow.logger.info("retry window expired: compensating")
                 await self._compensate()
+            return
+        if self._status is OperationStatus.PARTIAL:  # superseded while waiting
+            workflow.logger.info("superseded (%s): compensating", self._superseded_by)
+            self._reason = f"superseded by {self._superseded_by}"
+            await self._compensate()
 
     async def _compensate(self) -> None:
         self._compensating = True
@@ -513,6 +537,16 @@ def _patient(options: dict[str, Any]) -> dict[str, Any]:
 
 def _patient_compensation(entry: Compensation) -> dict[str, Any]:
     return _patient(entry.policy.activity_options())
+
+
+def result_in_failure(cause: BaseException | None) -> OperationResult | None:
+    """The result a failed compensation ends the workflow with (in its failure's details).
+
+    For callers of a failed operation workflow: the client helpers and the node workflow.
+    """
+    if isinstance(cause, ApplicationError) and cause.type == CompensationFailedError.__name__:
+        return OperationResult.model_validate(cause.details[0])
+    return None
 
 
 def _details(cause: BaseException | None) -> dict[str, Any]:

@@ -3,6 +3,7 @@ starts operations on a real Temporal server (the backends are scripted)."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from contracts.operation_contract import PlanError, compile_plan
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest
 from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION
+from tests.support import wait_until
 from tests.workflows.scenarios import Backends, request, worker
 from workers import client as client_module
 from workers.client import (
@@ -117,15 +119,18 @@ def test_plans_compile_without_importing_the_handler_classes(tmp_path: Path) -> 
 
 
 def test_every_contract_problem_is_reported_at_once(tmp_path: Path) -> None:
-    """An unreadable contract and a step naming an unknown operation are both in the one
-    PlanError, the first with its loader code."""
-    handlers, operations = _contracts(tmp_path, OPERATION.replace("haunt}", "possess}"))
+    """An unreadable contract, a step naming an unknown operation and a supersede of an
+    operation no contract defines are all in the one PlanError, the first with its loader
+    code."""
+    broken = OPERATION.replace("haunt}", "possess}") + "supersedes: [exorcise_node]\n"
+    handlers, operations = _contracts(tmp_path, broken)
     (operations / "broken.yaml").write_text("operation: [")
     with pytest.raises(PlanError) as raised:
         Operations.compile(handler_paths=[handlers], operation_paths=[operations])
     message = str(raised.value)
     assert "HANDLER_LOADER_002" in message, message
     assert "has no operation 'possess'" in message, message
+    assert "supersedes exorcise_node, which no operation contract defines" in message, message
 
 
 def test_the_configured_plans_are_compiled_once_and_failures_are_not_kept(
@@ -178,25 +183,38 @@ def _settings(task_queue: str) -> OnexSettings:
 async def test_start_attaches_to_a_running_operation_and_tags_it(
     temporal_env: WorkflowEnvironment, task_queue: str
 ) -> None:
-    """Without a correlation id, the client mints one; the start sets the search attributes;
-    a second start for the same node attaches to the running workflow (USE_EXISTING), and
-    the handle's result is the typed OperationResult."""
+    """Without a correlation id, the client mints one; the operation workflow carries the
+    search attributes from its start; a second start of the same request attaches to the
+    running operation, and the handle's result is the typed OperationResult."""
     client, settings = temporal_env.client, _settings(task_queue)
     node = request(node_id=uuid.uuid4(), correlation_id=None)
-    # No worker yet, so the first run is still open when the second start arrives.
-    first = await start_register_node(client, node, settings=settings)
-    second = await start_register_node(client, node, settings=settings)
-    assert second.result_run_id == first.result_run_id, "a running operation must be attached to"
-    attributes = (await first.describe()).typed_search_attributes
+    release = asyncio.Event()
+
+    async def held(call: int) -> None:
+        await release.wait()
+
+    backends = Backends()
+    backends.script("consul.register_service", held)
+    async with worker(client, task_queue, backends):
+        first = await start_register_node(client, node, settings=settings)
+        second = await start_register_node(client, node, settings=settings)
+        assert second.id == first.id
+
+        async def started() -> bool:
+            return bool(backends.calls["consul.register_service"])
+
+        await wait_until(started, within=30, what="the operation to start its steps")
+        attributes = (await client.get_workflow_handle(first.id).describe()).typed_search_attributes
+        release.set()
+        result = await result_of(second)
     assert attributes.get(ONEX_OPERATION) == "register_node"
     assert attributes.get(NODE_ID) == str(node.node_id)
     minted = attributes.get(CORRELATION_ID)
     assert minted is not None, "the client must mint a correlation id when the request has none"
-    async with worker(client, task_queue, Backends()):
-        result = await result_of(second)
     assert isinstance(result, OperationResult)
     assert result.status is OperationStatus.SUCCESS, result
     assert str(result.correlation_id) == minted
+    assert len(backends.calls["consul.register_service"]) == 1, "attached, not run twice"
 
 
 async def test_the_waiting_helpers_return_results_and_refuse_what_cannot_be_done(

@@ -15,11 +15,14 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from temporalio import activity
 from temporalio.client import Client, WorkflowHandle
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
+from typer.testing import CliRunner, Result
 
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry
@@ -36,6 +39,8 @@ from contracts.registry import (
     SkippedResult,
 )
 from contracts.resilience import RetrySettings
+from workers.cli import app
+from workers.client import Operations
 from workers.contract_files import read_handlers, read_operations
 from workers.settings import CONTRACTS_DIR
 from workflows import WORKFLOWS
@@ -239,3 +244,19 @@ async def record(handle: WorkflowHandle[Any, Any], name: str) -> None:
     history = await handle.fetch_history()
     HISTORIES.mkdir(exist_ok=True)
     path.write_text(history.to_json() + "\n")
+
+
+def operations(**changes: Any) -> Operations:
+    """The built-in operations with the fast plans of :func:`plan`, for the client helpers."""
+    contracts = read_operations([CONTRACTS_DIR / "operations"]).contracts
+    return Operations(
+        plans=MappingProxyType({name: plan(name, **changes) for name in contracts}),
+        contracts=MappingProxyType(dict(contracts)),
+    )
+
+
+async def onex(env: WorkflowEnvironment, cli_env: dict[str, str], *args: str) -> Result:
+    """Run ``onex`` against ``env``'s server (in a thread: the command runs its own loop)."""
+    host, port = env.client.service_client.config.target_host.rsplit(":", 1)
+    variables = {**cli_env, "ONEX_TEMPORAL__HOST": host, "ONEX_TEMPORAL__PORT": port}
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env=variables)

@@ -3,29 +3,20 @@ scripted backends, through the same command line an operator types."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
-from typer.testing import CliRunner, Result
+from typer.testing import CliRunner
 
 from contracts.operations_io import OperationStatus
 from tests.workflows import scenarios
-from tests.workflows.scenarios import Backends, plan, refused, start, worker
+from tests.workflows.scenarios import Backends, onex, plan, refused, start, worker
 from tests.workflows.test_operation import paused
 from workers.cli import app
 from workers.cli.exit_codes import ExitCode
 from workers.client import result_of
 
 runner = CliRunner()
-
-
-async def onex(env: WorkflowEnvironment, cli_env: dict[str, str], *args: str) -> Result:
-    """Run ``onex`` against ``env``'s server (in a thread: the command runs its own loop)."""
-    host, port = env.client.service_client.config.target_host.rsplit(":", 1)
-    variables = {**cli_env, "ONEX_TEMPORAL__HOST": host, "ONEX_TEMPORAL__PORT": port}
-    return await asyncio.to_thread(runner.invoke, app, list(args), env=variables)
 
 
 def paused_backends(*, undo_fails_once: bool) -> Backends:

@@ -25,7 +25,7 @@ from contracts.registry import DeregisterNodeRequest
 from tests.support import wait_until
 from tests.workflows import scenarios
 from tests.workflows.scenarios import Backends, plan, record, refused, skipped, start, worker
-from workers.client import OperationHandle, result_of
+from workers.client import result_of
 from workflows.operation import OperationWorkflow
 
 
@@ -389,7 +389,7 @@ async def test_cancelling_a_sequence_stops_it_and_undoes_the_step_in_flight(
 
 async def cancelled_while_event_is_queued(
     client: Client, task_queue: str, backends: Backends, event_number: int, what: str
-) -> OperationHandle:
+) -> WorkflowHandle[Any, OperationResult]:
     """Start an operation and cancel it while its ``event_number``-th event is being queued."""
     release = asyncio.Event()
 

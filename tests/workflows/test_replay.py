@@ -11,6 +11,8 @@ from workers.replay import load_histories, replay_files, replayer
 
 EXPECTED = {
     "deregister_success.json",
+    "node_deregister_supersedes_partial_register.json",
+    "node_queued_operation.json",
     "register_all_or_nothing_compensated.json",
     "register_cancelled_compensated.json",
     "register_cancelled_during_retry.json",

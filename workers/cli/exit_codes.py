@@ -63,6 +63,7 @@ EXIT_CODES: Mapping[type[BaseException], ExitCode] = {
 STATUS_EXIT: Mapping[OperationStatus, ExitCode] = {
     OperationStatus.SUCCESS: ExitCode.OK,
     OperationStatus.RUNNING: ExitCode.OK,
+    OperationStatus.QUEUED: ExitCode.OK,  # accepted: it runs after the ones before it
     OperationStatus.PARTIAL: ExitCode.PARTIAL,
     # Like partial, it waits for an operator: `onex compensate --resume | --abandon`.
     OperationStatus.COMPENSATION_PAUSED: ExitCode.PARTIAL,

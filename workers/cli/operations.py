@@ -14,6 +14,7 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from contracts.errors import ConfigurationError, InfraUnavailableError
+from contracts.node import NodeState, node_workflow_id
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from workers.cli.common import (
@@ -31,6 +32,7 @@ from workers.client import (
     Operations,
     abandon_compensation,
     deregister_node,
+    get_node_state,
     get_status,
     register_node,
     resume_compensation,
@@ -142,12 +144,21 @@ def _start(
         if isinstance(outcome, OperationResult):
             return outcome
         # A handle: only its ids leave the event loop (the handle holds the client).
-        return {"workflow_id": outcome.id, "run_id": outcome.result_run_id, "status": "started"}
+        return {
+            "workflow_id": outcome.id,
+            "node_workflow_id": outcome.node_workflow_id,
+            "status": "accepted",
+        }
 
     outcome = with_client(settings, start)
     if isinstance(outcome, OperationResult):
         report(outcome, as_json=as_json)
-    typer.echo(json.dumps(outcome) if as_json else f"started {outcome['workflow_id']}")
+    if as_json:
+        typer.echo(json.dumps(outcome))
+        return
+    typer.echo(f"accepted {outcome['workflow_id']}")
+    if outcome["node_workflow_id"]:
+        typer.echo(f"the node's queue: onex status {outcome['node_workflow_id']}")
 
 
 def register_node_command(
@@ -313,20 +324,27 @@ def compensate_command(
 
 
 def status_command(
-    workflow_id: Annotated[str, typer.Argument(help="The operation's workflow id")],
+    workflow_id: Annotated[
+        str, typer.Argument(help="An operation's workflow id, or a node's (onex-node-<node-id>)")
+    ],
     as_json: JsonOption = False,
 ) -> None:
-    """Show an operation's status and per-backend outcome (running or finished).
+    """Show an operation's status and per-backend outcome (queued, running or finished), or
+    what a node's workflow runs and has waiting.
 
-    Exit codes follow the status: 0 success or running, 3 partial, 4 failed or compensated,
-    5 not found.
+    Exit codes follow the status: 0 success, running or queued, 3 partial or compensation
+    paused, 4 failed or compensated, 5 not found.
 
     Example: onex status onex-register-node-3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70 --json
+
+    Example: onex status onex-node-3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70
     """
     settings = settings_or_exit()
 
-    async def status(client: Client) -> OperationResult:
+    async def status(client: Client) -> OperationResult | NodeState:
         try:
+            if workflow_id.startswith(node_workflow_id("")):
+                return await get_node_state(client, workflow_id)
             return await get_status(client, workflow_id)
         except OperationNotFound:
             raise OperationNotFound(f"no operation with workflow id {workflow_id!r}") from None
@@ -335,4 +353,32 @@ def status_command(
                 f"cannot read the status of {workflow_id}: {error.message} (is a worker running?)"
             ) from None
 
-    report(with_client(settings, status), as_json=as_json)
+    outcome = with_client(settings, status)
+    if isinstance(outcome, OperationResult):
+        report(outcome, as_json=as_json)
+    report_node(outcome, as_json=as_json)
+
+
+def report_node(state: NodeState, *, as_json: bool) -> None:
+    """Print a node workflow's running operation and queue (exit 0)."""
+    if as_json:
+        typer.echo(state.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{state.workflow_id}: {len(state.queued)} waiting")
+    for column in ("#", "operation", "workflow id", "state", "accepted at"):
+        table.add_column(column)
+    entries = [("running", state.running)] if state.running else []
+    entries += [("queued", entry) for entry in state.queued]
+    for label, entry in entries:
+        table.add_row(
+            str(entry.sequence),
+            entry.operation,
+            entry.workflow_id,
+            label,
+            entry.accepted_at.isoformat(timespec="seconds"),
+        )
+    console.print(table)
+    line = f"accepted {state.accepted}, finished {state.completed}"
+    if state.last:
+        line += f"; last: {state.last['workflow_id']} {state.last['status']}"
+    console.print(line, markup=False, highlight=False)
