@@ -74,6 +74,12 @@ class NodeInput(BaseModel):
     # Carried over by continue-as-new (which happens only when nothing runs or waits).
     accepted: int = 0
     completed: int = 0
+    last: dict[str, str] | None = None
+    continue_after: int = Field(
+        default=200,
+        ge=1,
+        description="Operations per run before it continues as new (sooner if Temporal says so)",
+    )
 
 
 class NodeState(BaseModel):

@@ -77,7 +77,7 @@ class NodeWorkflow:
         self._results: dict[int, OperationResult] = {}
         self._accepted = node.accepted
         self._completed = node.completed
-        self._last: dict[str, str] | None = None
+        self._last = node.last
         self._signals: set[asyncio.Task[None]] = set()
 
     @workflow.run
@@ -103,7 +103,11 @@ class NodeWorkflow:
             self._child = None
             self._completed += 1
             self._last = {"workflow_id": entry.view.workflow_id, "status": result.status.value}
-            if not self._queue and workflow.info().is_continue_as_new_suggested():
+            finished_here = self._completed - node.completed
+            if not self._queue and (
+                finished_here >= node.continue_after
+                or workflow.info().is_continue_as_new_suggested()
+            ):
                 await workflow.wait_condition(
                     lambda: bool(self._queue) or workflow.all_handlers_finished()
                 )
@@ -113,6 +117,8 @@ class NodeWorkflow:
                             node_id=node.node_id,
                             accepted=self._accepted,
                             completed=self._completed,
+                            last=self._last,
+                            continue_after=node.continue_after,
                         )
                     )
 

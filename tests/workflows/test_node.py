@@ -14,7 +14,7 @@ import pytest
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
-from contracts.node import MAX_QUEUED, NodeState, node_workflow_id
+from contracts.node import MAX_QUEUED, NodeInput, NodeState, node_workflow_id
 from contracts.operations_io import OperationStatus, StepStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from tests.support import wait_until
@@ -29,6 +29,7 @@ from workers.client import (
     start_operation,
 )
 from workers.settings import OnexSettings, WorkerSettings
+from workflows.node import NodeWorkflow
 
 
 def _settings(task_queue: str) -> OnexSettings:
@@ -242,3 +243,34 @@ async def test_a_queued_operation_reports_queued_with_what_it_waits_for(
     assert deregister.id in shown.output
     assert queued_shown.exit_code == 0, queued_shown.output
     assert "queued" in queued_shown.output
+
+
+async def test_the_node_workflow_continues_as_new_between_operations_and_keeps_its_counts(
+    temporal_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """Started to continue as new after every operation, the node workflow does so while
+    idle: the second request reaches the new run, and the counts and the last outcome carry
+    over (the history of one run stays short however many operations a node sees)."""
+    client, node_id = temporal_env.client, uuid.uuid4()
+    settings, plans = _settings(task_queue), operations()
+    first_run = await client.start_workflow(
+        NodeWorkflow.run,
+        NodeInput(node_id=node_id, continue_after=1),
+        id=node_workflow_id(node_id),
+        task_queue=task_queue,
+    )
+    async with worker(client, task_queue, Backends()):
+        await register_node(client, _register(node_id), settings=settings, operations=plans)
+
+        async def continued() -> bool:
+            latest = await client.get_workflow_handle(node_workflow_id(node_id)).describe()
+            return latest.run_id != first_run.first_execution_run_id
+
+        await wait_until(continued, within=30, what="the node workflow to continue as new")
+        second = await register_node(
+            client, _register(node_id, port=8082), settings=settings, operations=plans
+        )
+        state = await get_node_state(client, node_id)
+    assert second.status is OperationStatus.SUCCESS
+    assert (state.accepted, state.completed) == (2, 2)
+    assert state.last == {"workflow_id": second.workflow_id, "status": "success"}
