@@ -17,18 +17,17 @@ from aiokafka import AIOKafkaConsumer
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from activities.settings import ConsulSettings, KafkaSettings, PostgresSettings
 from contracts.operations_io import OperationStatus, StepStatus
 from contracts.registry import RegisterNodeRequest
 from contracts.resilience import BreakerSettings
 from tests.builders import register_request
 from tests.conftest import isolated_environment
 from tests.fakes.consul_agent import FakeConsulAgent
+from tests.stack import serving_stack
 from tests.support import readable_history, wait_until
-from workers.client import connect, get_status, register_node, retry_failed, start_register_node
+from workers.client import get_status, register_node, retry_failed, start_register_node
 from workers.host import WorkerHost
-from workers.settings import OnexSettings, TemporalSettings, WorkerSettings
-from workflows import WORKFLOWS
+from workers.settings import OnexSettings
 
 BIN = Path(sys.executable).parent
 
@@ -48,33 +47,8 @@ async def stack(
     task_queue: str,
 ) -> AsyncIterator[tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost]]:
     """A worker host serving the built-in contracts against real servers and the Consul fake."""
-    host, port = temporal_env.client.service_client.config.target_host.rsplit(":", 1)
-    async with FakeConsulAgent() as agent:
-        settings = OnexSettings(
-            temporal=TemporalSettings(host=host, port=int(port)),
-            postgres=PostgresSettings(
-                host=backends.postgres.host,
-                port=backends.postgres.port,
-                database=pg_dsn.rsplit("/", 1)[1],
-            ),
-            kafka=KafkaSettings(
-                bootstrap_servers=backends.kafka.bootstrap_servers,
-                topic_prefix=topic_prefix,
-                request_timeout_ms=5000,
-            ),
-            consul=ConsulSettings(address=agent.address, timeout=5),
-            worker=WorkerSettings(task_queue=task_queue),
-        )
-        client = await connect(settings)
-        worker_host = WorkerHost(settings, client, workflows=WORKFLOWS)
-        await worker_host.start()
-        stop = asyncio.Event()
-        serving = asyncio.create_task(worker_host.run(stop))
-        try:
-            yield settings, client, agent, worker_host
-        finally:
-            stop.set()
-            await serving
+    async with serving_stack(temporal_env, backends, pg_dsn, topic_prefix, task_queue) as served:
+        yield served.settings, served.client, served.agent, served.host
 
 
 async def _registered_events(settings: OnexSettings, node_id: uuid.UUID) -> list[dict]:  # type: ignore[type-arg]
