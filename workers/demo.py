@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts.errors import InfraUnavailableError
+from contracts.node import node_workflow_id
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from contracts.topics import TopicName
@@ -192,6 +193,11 @@ def _summary(settings: OnexSettings, rows: list[DemoRow], console: Console, took
     )
     console.print(
         f"   or: temporal workflow list --query \"CorrelationId='{correlation}'\"", markup=False
+    )
+    console.print(
+        "   a node's operations, in the order they ran: "
+        f"`.venv/bin/onex status {node_workflow_id(rows[0].node_id)}`",
+        markup=False,
     )
     console.print(
         "   the stack keeps running: `.venv/bin/onex dev status`; stop it with "
