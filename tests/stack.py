@@ -12,11 +12,28 @@ from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from activities.settings import ConsulSettings, KafkaSettings, PostgresSettings
+from contracts.resilience import RetrySettings
 from tests.fakes.consul_agent import FakeConsulAgent
-from workers.client import connect
+from workers.client import Operations, connect
 from workers.host import WorkerHost
 from workers.settings import OnexSettings, TemporalSettings, WorkerSettings
 from workflows import WORKFLOWS
+
+
+def fast_operations(operations: Operations, *, window_seconds: float) -> Operations:
+    """The plans with quick forward retries and a short retry window, so that a run with
+    faults is about the saga and not about waiting (compensations stay patient)."""
+    quick = RetrySettings(max_attempts=2, initial_interval=0.2, max_interval=0.5)
+    plans = {}
+    for name, plan in operations.plans.items():
+        steps = tuple(
+            step.model_copy(update={"policy": step.policy.model_copy(update={"retry": quick})})
+            for step in plan.steps
+        )
+        plans[name] = plan.model_copy(
+            update={"steps": steps, "retry_window_seconds": window_seconds}
+        )
+    return Operations(plans=plans, contracts=operations.contracts)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from activities.migrate import TARGET as POSTGRES_TARGET
 from contracts.errors import Transport
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest
-from contracts.resilience import BreakerSettings, RetrySettings
+from contracts.resilience import BreakerSettings
 from tests.builders import register_request
 from tests.fakes.fault_proxy import FaultProxy
-from tests.stack import Stack, serving_stack
+from tests.stack import Stack, fast_operations, serving_stack
 from tests.support import wait_until
 from workers.client import (
     OperationFinished,
@@ -53,19 +53,6 @@ ROUNDS = int(os.environ.get("ONEX_INTERLEAVING_ROUNDS", "60"))
 NODES = 3
 # Breakers that open and probe again quickly, so that the run is about the saga, not waiting.
 FAST_BREAKER = BreakerSettings(failure_threshold=3, open_seconds=1.0)
-
-
-def fast(operations: Operations) -> Operations:
-    """The built-in plans with quick retries and a 2-second retry window."""
-    quick = RetrySettings(max_attempts=2, initial_interval=0.2, max_interval=0.5)
-    plans = {}
-    for name, plan in operations.plans.items():
-        steps = tuple(
-            step.model_copy(update={"policy": step.policy.model_copy(update={"retry": quick})})
-            for step in plan.steps
-        )
-        plans[name] = plan.model_copy(update={"steps": steps, "retry_window_seconds": 2.0})
-    return Operations(plans=plans, contracts=operations.contracts)
 
 
 @pytest.fixture
@@ -96,7 +83,7 @@ class Run:
     def __init__(self, stack: Stack, proxy: FaultProxy, rng: random.Random) -> None:
         self.stack, self.proxy, self.rng = stack, proxy, rng
         self.client: Client = stack.client
-        self.operations = fast(Operations.load(stack.settings))
+        self.operations = fast_operations(Operations.load(stack.settings), window_seconds=2.0)
         self.nodes = [uuid.uuid4() for _ in range(NODES)]
         self.handles: list[OperationHandle] = []
         self.actions: Counter[str] = Counter()

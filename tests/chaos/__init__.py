@@ -1,0 +1,1 @@
+"""The chaos runner (``make chaos``) and its short profile in the test suite."""

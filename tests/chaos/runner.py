@@ -1,0 +1,573 @@
+"""The chaos runner: real worker processes, a real Temporal dev server, PostgreSQL and a Kafka
+broker behind fault proxies, and the Consul fake; it kills, cuts and storms them while
+operations overlap on shared nodes, then waits for quiescence and checks what was lost.
+
+``python -m tests.chaos [--profile short|full] [--seed N]`` (``make chaos`` runs the full
+profile; the short one runs inside ``make test``). The seed fixes the injection schedule: the
+order and kind of operations and faults. It prints one JSON object of figures and exits 1 if an
+invariant broke, naming the node and the workflow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from activities.kafka_admin import create_topics
+from activities.settings import ConsulSettings, KafkaSettings, PostgresSettings
+from contracts.node import node_workflow_id
+from contracts.operations_io import OperationResult, OperationStatus
+from contracts.registry import DeregisterNodeRequest
+from contracts.topics import TOPICS_BY_NAME
+from tests.builders import register_request
+from tests.fakes.consul_agent import FakeConsulAgent
+from tests.fakes.fault_proxy import FaultProxy, start_proxied_broker
+from tests.stack import fast_operations
+from tests.support import free_port
+from workers.client import (
+    OperationFinished,
+    OperationNotFound,
+    Operations,
+    connect,
+    get_node_state,
+    get_status,
+    retry_failed,
+    start_operation,
+)
+from workers.devstack import DevStack, ServiceName, superuser_dsn
+from workers.settings import DevSettings, OnexSettings, TemporalSettings, WorkerSettings
+
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+# Planted in the workers' settings: none may appear in a history, a log or an event.
+CONSUL_TOKEN = "chaos-consul-Token-5d2e91"
+
+
+@dataclass(frozen=True)
+class Profile:
+    operations: int
+    nodes: int
+    worker_kills: int
+    temporal_restarts: int
+    outages: int
+    long_outage_seconds: float
+    window_seconds: float
+    quiescence_seconds: float
+
+
+PROFILES = {
+    "short": Profile(
+        operations=40,
+        nodes=8,
+        worker_kills=6,
+        temporal_restarts=1,
+        outages=3,
+        long_outage_seconds=8.0,
+        window_seconds=3.0,
+        quiescence_seconds=150.0,
+    ),
+    "full": Profile(
+        operations=120,
+        nodes=24,
+        worker_kills=24,
+        temporal_restarts=5,
+        outages=8,
+        long_outage_seconds=65.0,  # longer than the forward retry budget
+        window_seconds=5.0,
+        quiescence_seconds=600.0,
+    ),
+}
+
+
+@dataclass
+class Figures:
+    seed: int
+    profile: str
+    injected: Counter[str] = field(default_factory=Counter)
+    started: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    events: dict[str, int] = field(default_factory=dict)
+    quiescence_seconds: float = 0.0
+    duration_seconds: float = 0.0
+
+    def as_json(self) -> str:
+        return json.dumps(
+            {
+                "seed": self.seed,
+                "profile": self.profile,
+                "operations_started": dict(self.started),
+                "operations_by_final_status": dict(self.statuses),
+                "injected": dict(self.injected),
+                "lost_effects": sum("lost" in p for p in self.problems),
+                "duplicated_effects": sum("duplicate row" in p for p in self.problems),
+                "half_done_nodes": sum("disagree" in p for p in self.problems),
+                "events": self.events,
+                "problems": self.problems,
+                "time_to_quiescence_seconds": round(self.quiescence_seconds, 1),
+                "duration_seconds": round(self.duration_seconds, 1),
+            },
+            sort_keys=True,
+        )
+
+
+class Workers:
+    """``onex worker`` processes, killed with SIGKILL on demand and started again."""
+
+    def __init__(self, environment: dict[str, str], logs: Path, count: int) -> None:
+        self.environment, self.logs, self.count = environment, logs, count
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, index: int) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"worker-{index}.log", "ab")  # noqa: SIM115 (kept by the child)
+        process = subprocess.Popen(
+            [str(BIN / "onex"), "worker"],
+            env={**self.environment, "ONEX_WORKER__IDENTITY": f"chaos-worker-{index}"},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        return process
+
+    def start_all(self) -> None:
+        self.processes = [self.start(index) for index in range(self.count)]
+
+    def kill(self, index: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.processes[index].pid, signal.SIGKILL)
+        self.processes[index].wait()
+
+    def restart(self, index: int) -> None:
+        self.processes[index] = self.start(index)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def log_text(self) -> str:
+        return "\n".join(path.read_text(errors="replace") for path in self.logs.glob("*.log"))
+
+
+def progress(message: str) -> None:
+    print(f"chaos: {message}", file=sys.stderr, flush=True)
+
+
+async def _patient(call: Callable[[], Awaitable[T]], *, within: float = 120.0) -> T:
+    """``call()``, tried again while Temporal is away (a restart takes a few seconds)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except RPCError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+class Chaos:
+    def __init__(self, profile: Profile, seed: int, root: Path) -> None:
+        self.profile, self.rng, self.root = profile, random.Random(seed), root
+        self.figures = Figures(seed=seed, profile="")
+        self.nodes = [uuid.uuid4() for _ in range(profile.nodes)]
+        self.workflow_ids: set[str] = set()
+        self.handles: list[Any] = []
+        self.background: set[asyncio.Task[Any]] = set()
+        self._event_texts: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def stack(self) -> AsyncIterator[None]:
+        """Temporal and PostgreSQL from the dev stack, Kafka and PostgreSQL behind proxies,
+        the Consul fake; the workers' environment points at the proxies."""
+        settings = OnexSettings(
+            temporal=TemporalSettings(port=free_port(), ui_port=free_port()),
+            postgres=PostgresSettings(port=free_port()),
+            kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
+            dev=DevSettings(state_dir=self.root / "state"),
+        )
+        self.dev = DevStack(settings, services=[ServiceName.TEMPORAL, ServiceName.POSTGRES])
+        progress("starting Temporal and PostgreSQL")
+        await self.dev.up()
+        try:
+            async with (
+                FaultProxy(settings.postgres.host, settings.postgres.port) as pg_proxy,
+                start_proxied_broker() as (bootstrap, kafka_proxy),
+                FakeConsulAgent(token=CONSUL_TOKEN) as agent,
+            ):
+                self.pg_proxy, self.kafka_proxy, self.agent = pg_proxy, kafka_proxy, agent
+                self.bootstrap = bootstrap
+                self.settings = settings.model_copy(
+                    update={
+                        "kafka": KafkaSettings(
+                            bootstrap_servers=bootstrap, request_timeout_ms=5000
+                        ),
+                        "consul": ConsulSettings(address=agent.address, timeout=3),
+                        "worker": WorkerSettings(task_queue="chaos"),
+                    }
+                )
+                self.registry_dsn = superuser_dsn(settings, settings.postgres.database)
+                await create_topics(bootstrap)
+                progress("stack up: Temporal, PostgreSQL and Kafka behind proxies, Consul fake")
+                yield
+        finally:
+            self.dev.down(purge=True)
+
+    def worker_environment(self) -> dict[str, str]:
+        settings = self.settings
+        return {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ONEX_")},
+            "ONEX_DEV__STATE_DIR": str(settings.dev.state_dir),
+            "ONEX_TEMPORAL__PORT": str(settings.temporal.port),
+            "ONEX_POSTGRES__PORT": str(self.pg_proxy.port),
+            "ONEX_KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+            "ONEX_KAFKA__REQUEST_TIMEOUT_MS": "5000",
+            "ONEX_CONSUL__ADDRESS": self.agent.address,
+            "ONEX_CONSUL__TOKEN": CONSUL_TOKEN,
+            "ONEX_CONSUL__TIMEOUT": "3",
+            "ONEX_WORKER__TASK_QUEUE": "chaos",
+            "ONEX_WORKER__GRACEFUL_SHUTDOWN_TIMEOUT": "5",
+        }
+
+    async def run(self) -> Figures:
+        started = time.monotonic()
+        async with self.stack():
+            self.client = await connect(self.settings)
+            self.operations = fast_operations(
+                Operations.load(self.settings), window_seconds=self.profile.window_seconds
+            )
+            logs = self.root / "logs"
+            logs.mkdir()
+            self.workers = Workers(self.worker_environment(), logs, count=2)
+            self.workers.start_all()
+            try:
+                progress(f"2 workers started; storm of {self.profile.operations} operations")
+                await self._storm()
+                progress(f"storm over ({dict(self.figures.injected)}); waiting for quiescence")
+                quiet_from = time.monotonic()
+                results = await self._settle()
+                progress("quiescent; checking the invariants")
+                self.figures.quiescence_seconds = time.monotonic() - quiet_from
+                await self._check(results)
+            finally:
+                self.workers.stop_all()
+        self.figures.duration_seconds = time.monotonic() - started
+        return self.figures
+
+    # -- the storm ------------------------------------------------------------------------
+
+    def _schedule(self) -> list[str]:
+        """Operations and faults, in a seeded order: the run's injection schedule."""
+        profile = self.profile
+        faults = (
+            ["worker_kill"] * profile.worker_kills
+            + ["temporal_restart"] * profile.temporal_restarts
+            + ["postgres_outage", "kafka_outage"] * (profile.outages // 2)
+            + ["consul_errors"] * max(1, profile.outages // 2)
+        )
+        operations = self.rng.choices(
+            ["register", "deregister", "retry", "cancel"],
+            weights=[6, 3, 2, 1],
+            k=profile.operations,
+        )
+        steps = operations + faults
+        self.rng.shuffle(steps)
+        return steps
+
+    async def _storm(self) -> None:
+        for step in self._schedule():
+            if step in ("register", "deregister", "retry", "cancel"):
+                await self._operation(step)
+            else:
+                await self._fault(step)
+            self.figures.injected["steps"] += 1
+        self.figures.injected.pop("steps")
+
+    async def _operation(self, kind: str) -> None:
+        node = self.rng.choice(self.nodes)
+        if kind == "register":
+            request: Any = register_request(
+                node_id=node, address="127.0.0.1", port=self.rng.choice([8080, 8081])
+            )
+            await self._start("register_node", request)
+        elif kind == "deregister":
+            await self._start(
+                "deregister_node", DeregisterNodeRequest(node_id=node, node_type="effect")
+            )
+        elif kind == "retry":
+            task = asyncio.create_task(self._retry(f"onex-register-node-{node}"))
+            self.background.add(task)
+        else:
+            with contextlib.suppress(RPCError):
+                await self.client.get_workflow_handle(f"onex-register-node-{node}").cancel()
+        self.figures.started[kind] += 1
+
+    async def _start(self, operation: str, request: Any) -> None:
+        async def start() -> Any:
+            return await start_operation(
+                self.client, operation, request, settings=self.settings, operations=self.operations
+            )
+
+        try:
+            handle = await asyncio.wait_for(_patient(start), timeout=120)
+        except TimeoutError:
+            exits = [process.poll() for process in self.workers.processes]
+            raise RuntimeError(
+                f"no worker accepted {operation} within 120 s (worker exit codes: {exits}; "
+                f"their logs: {self.workers.logs})"
+            ) from None
+        except WorkflowUpdateFailedError:  # the node's queue is full: refused, nothing runs
+            self.figures.started["refused"] += 1
+            return
+        self.handles.append(handle)
+        self.workflow_ids.add(handle.id)
+
+    async def _retry(self, workflow_id: str) -> None:
+        with contextlib.suppress(
+            OperationNotFound, OperationFinished, WorkflowUpdateFailedError, RPCError
+        ):
+            status = await get_status(self.client, workflow_id)
+            if status.status is OperationStatus.PARTIAL:
+                await retry_failed(self.client, workflow_id)
+
+    async def _fault(self, kind: str) -> None:
+        self.figures.injected[kind] += 1
+        if kind == "worker_kill":
+            index = self.rng.randrange(self.workers.count)
+            self.workers.kill(index)
+            delay = self.rng.uniform(0.2, 2.0)
+            self._later(delay, lambda: self.workers.restart(index))
+        elif kind == "temporal_restart":
+            process = self.dev.running_process(ServiceName.TEMPORAL)
+            if process is not None:
+                process.kill()
+                process.wait()
+            await self.dev.up()  # on its SQLite state: nothing is lost
+        elif kind == "postgres_outage":
+            await self._outage(self.pg_proxy)
+        elif kind == "kafka_outage":
+            await self._outage(self.kafka_proxy)
+        else:
+            self.agent.fail_next(self.rng.randint(3, 12), status=self.rng.choice([500, 429]))
+
+    async def _outage(self, proxy: FaultProxy) -> None:
+        """Cut now, restore later; the last outage of each kind lasts the long duration."""
+        await proxy.cut()
+        long = (
+            self.figures.injected["postgres_outage"] + self.figures.injected["kafka_outage"]
+            >= self.profile.outages - 1
+        )
+        seconds = self.profile.long_outage_seconds if long else self.rng.uniform(1.0, 4.0)
+        self.figures.injected["outage_seconds"] += round(seconds)
+        self._later(seconds, proxy.restore)
+
+    def _later(self, seconds: float, action: Callable[[], object]) -> None:
+        async def later() -> None:
+            await asyncio.sleep(seconds)  # a scheduled fault, not a wait for a condition
+            action()
+
+        task = asyncio.create_task(later())
+        self.background.add(task)
+
+    # -- quiescence and invariants ----------------------------------------------------------
+
+    async def _settle(self) -> list[OperationResult]:
+        await asyncio.gather(*self.background, return_exceptions=True)
+        self.pg_proxy.restore()
+        self.kafka_proxy.restore()
+        self.agent.clear_faults()
+        for index, process in enumerate(self.workers.processes):
+            if process.poll() is not None:
+                self.workers.restart(index)
+        deadline = time.monotonic() + self.profile.quiescence_seconds
+        while True:
+            open_ones = await self._open_operations()
+            if not open_ones:
+                break
+            if time.monotonic() > deadline:
+                self.figures.problems.append(f"not quiescent: still open {sorted(open_ones)}")
+                break
+            await asyncio.sleep(1.0)
+        results = []
+        for workflow_id in sorted(self.workflow_ids):
+            with contextlib.suppress(OperationNotFound):
+                result = await _patient(functools.partial(get_status, self.client, workflow_id))
+                results.append(result)
+                self.figures.statuses[result.status.value] += 1
+        return results
+
+    async def _open_operations(self) -> set[str]:
+        """Operations still running or queued without a reason an operator must act on."""
+        still: set[str] = set()
+        for node in self.nodes:
+            try:
+                state = await _patient(functools.partial(get_node_state, self.client, node))
+            except OperationNotFound:
+                continue
+            for entry in [*([state.running] if state.running else []), *state.queued]:
+                status = await _patient(functools.partial(self._status, entry.workflow_id))
+                if status is None or status.status is not OperationStatus.COMPENSATION_PAUSED:
+                    still.add(entry.workflow_id)
+        return still
+
+    async def _status(self, workflow_id: str) -> OperationResult | None:
+        try:
+            return await get_status(self.client, workflow_id)
+        except OperationNotFound:
+            return None
+
+    async def _check(self, results: list[OperationResult]) -> None:
+        connection = await asyncpg.connect(self.registry_dsn)
+        try:
+            for node in self.nodes:
+                await self._check_node(connection, node)
+            pending = await connection.fetchval(
+                "SELECT count(*) FROM onex_outbox WHERE published_at IS NULL"
+            )
+            dead = await connection.fetch("SELECT topic, reason FROM onex_dead_letters")
+            queued_ids = {
+                str(row["event_id"])
+                for row in await connection.fetch("SELECT event_id FROM onex_outbox")
+            }
+        finally:
+            await connection.close()
+        if pending:
+            self.figures.problems.append(f"outbox not drained: {pending} unpublished rows")
+        for row in dead:
+            if not row["reason"]:
+                self.figures.problems.append(f"unexplained dead letter on {row['topic']}")
+        await self._check_events(queued_ids, len(dead))
+        await self._check_secrets(results)
+
+    async def _check_node(self, connection: Any, node: uuid.UUID) -> None:
+        rows = await connection.fetch("SELECT status FROM onex_nodes WHERE node_id = $1", node)
+        if len(rows) > 1:
+            self.figures.problems.append(f"node {node}: duplicate row ({len(rows)})")
+        active = bool(rows) and rows[0]["status"] == "active"
+        in_consul = f"onex-effect-{node}" in self.agent.services
+        try:
+            state = await get_node_state(self.client, node)
+        except OperationNotFound:
+            state = None
+        last = state.last if state else None
+        if active != in_consul:
+            self.figures.problems.append(
+                f"node {node}: PostgreSQL and Consul disagree (postgres active={active}, "
+                f"consul={in_consul}); last operation {last} ({node_workflow_id(node)})"
+            )
+        elif last and last["status"] == OperationStatus.SUCCESS.value:
+            registered = last["workflow_id"].startswith("onex-register-node-")
+            if registered != active:
+                self.figures.problems.append(
+                    f"node {node}: the last operation {last['workflow_id']} succeeded but the "
+                    f"node is {'active' if active else 'absent'}: an effect was lost"
+                )
+
+    async def _check_events(self, queued_ids: set[str], dead_letters: int) -> None:
+        topics = [self.settings.kafka.topic_prefix + name for name in TOPICS_BY_NAME]
+        consumer = AIOKafkaConsumer(
+            *topics,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        seen: Counter[str] = Counter()
+        texts: list[str] = []
+        await consumer.start()
+        try:
+            idle = 0
+            while idle < 3:
+                batches = await consumer.getmany(timeout_ms=1000)
+                messages = [m for ms in batches.values() for m in ms]
+                idle = 0 if messages else idle + 1
+                for message in messages:
+                    text = message.value.decode(errors="replace")
+                    texts.append(text)
+                    seen[json.loads(text).get("event_id", "")] += 1
+        finally:
+            await consumer.stop()
+        lost = queued_ids - set(seen)
+        self.figures.events = {
+            "queued": len(queued_ids),
+            "distinct_on_kafka": len(set(seen)),
+            "duplicates": sum(count - 1 for count in seen.values()),
+            "dead_letters": dead_letters,
+        }
+        if len(lost) > dead_letters:
+            self.figures.problems.append(f"{len(lost)} queued events never reached Kafka (lost)")
+        self._event_texts = texts
+
+    async def _check_secrets(self, results: list[OperationResult]) -> None:
+        """The planted secret is in no worker log, event, result or workflow history."""
+        histories = []
+        workflow_ids = sorted(self.workflow_ids) + [node_workflow_id(n) for n in self.nodes]
+        for workflow_id in workflow_ids:
+            with contextlib.suppress(RPCError):
+                history = await self.client.get_workflow_handle(workflow_id).fetch_history()
+                histories.append(history.to_json())
+        places = {
+            "worker logs": self.workers.log_text(),
+            "events": "\n".join(self._event_texts),
+            "results": "\n".join(result.model_dump_json() for result in results),
+            "histories": "\n".join(histories),
+        }
+        self.figures.injected["histories_searched"] = len(histories)
+        for where, text in places.items():
+            if CONSUL_TOKEN in text:
+                self.figures.problems.append(f"the planted Consul token appears in {where}")
+
+
+async def chaos(profile_name: str, seed: int) -> Figures:
+    """One run; its directory (worker logs, the stack's logs) is kept when a check failed."""
+    root = Path(tempfile.mkdtemp(prefix="onex-chaos-"))
+    runner = Chaos(PROFILES[profile_name], seed, root)
+    runner.figures.profile = profile_name
+    figures = await runner.run()
+    if figures.problems:
+        progress(f"the worker logs are kept in {root / 'logs'}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--seed", type=int, default=None, help="replay a run's schedule")
+    args = parser.parse_args(argv)
+    seed = args.seed or random.SystemRandom().randrange(1, 10**6)
+    print(f"chaos: profile {args.profile}, seed {seed}", file=sys.stderr, flush=True)
+    figures = asyncio.run(chaos(args.profile, seed))
+    print(figures.as_json(), flush=True)
+    return 1 if figures.problems else 0
