@@ -15,6 +15,7 @@ Per-test isolation: ``task_queue`` (a fresh Temporal task queue), ``pg_dsn`` (a 
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -110,9 +111,14 @@ def isolated_environment(state_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-async def backends(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OnexSettings]:
+async def backends() -> AsyncIterator[OnexSettings]:
     """PostgreSQL and the Kafka broker, up for the session; yields the settings that reach them."""
-    settings = isolated_settings(tmp_path_factory.mktemp("backends"))
+    # Not under pytest's basetemp: a concurrent pytest session on the same machine rotates
+    # the oldest basetemp directories away, and PostgreSQL shuts down when its data directory
+    # disappears under it.
+    state_dir = Path(tempfile.mkdtemp(prefix="onex-test-backends-"))
+    state_dir.chmod(0o711)  # as pytest's own: the servers' user must reach its subdirectory
+    settings = isolated_settings(state_dir)
     stack = DevStack(settings, services=[ServiceName.POSTGRES, ServiceName.KAFKA])
     try:
         await stack.up()
