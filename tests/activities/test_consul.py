@@ -178,8 +178,9 @@ async def test_register_service_with_tags_meta_and_http_check(
     agent: FakeConsulAgent, handler: ConsulHandler
 ) -> None:
     """The node is registered as onex-<type>-<id> / onex-<type> with its address and port, the
-    onex tags before its own, meta with node_id, node_version, correlation_id and the health URL,
-    and an HTTP check on its health endpoint timed by the settings; nothing was there before."""
+    onex tags before its own, meta with node_id, node_version, correlation_id, the health URL and
+    the writer (outside an activity: the correlation id), and an HTTP check on its health
+    endpoint timed by the settings; nothing was there before."""
     request = register_request()
     service_id = f"onex-effect-{request.node_id}"
 
@@ -197,6 +198,7 @@ async def test_register_service_with_tags_meta_and_http_check(
         "node_version": "1.2.3",
         "correlation_id": str(request.correlation_id),
         "health_url": "http://10.0.0.7:8080/health",
+        "onex_writer": f"correlation:{request.correlation_id}",
     }
     assert registration["Check"] == {
         "HTTP": "http://10.0.0.7:8080/health",
@@ -256,7 +258,8 @@ async def test_undo_register_after_a_re_register_restores_the_previous_definitio
     agent: FakeConsulAgent, handler: ConsulHandler
 ) -> None:
     """A registration that replaced another is undone by registering the replaced definition
-    again, exactly (address, port, tags, meta and HTTP check); a second undo leaves it so."""
+    again, exactly (address, port, tags, meta and HTTP check); a second undo finds it so and
+    changes nothing."""
     node_id = uuid.uuid4()
     original = register_request(node_id)
     await handler.register_service(original)
@@ -275,7 +278,8 @@ async def test_undo_register_after_a_re_register_restores_the_previous_definitio
 
     assert undone.action == "restored"
     assert agent.services[result.service_id] == original_registration
-    assert (await handler.undo_register_service(compensation(update, result))).action == "restored"
+    again = await handler.undo_register_service(compensation(update, result))
+    assert again.action == "unchanged"
     assert agent.services[result.service_id] == original_registration
 
 
@@ -291,7 +295,8 @@ async def test_undo_register_rejects_a_foreign_forward_result(handler: ConsulHan
 
 
 def preimage_key(service_id: str, correlation_id: uuid.UUID | None, operation: str) -> str:
-    return f"onex/preimages/{service_id}/{correlation_id}/{operation}"
+    """Outside an activity the writer is the request's correlation id (activities.writer)."""
+    return f"onex/preimages/{service_id}/correlation:{correlation_id}/{operation}"
 
 
 def preimage_keys(agent: FakeConsulAgent) -> list[str]:
