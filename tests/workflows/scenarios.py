@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -98,7 +99,7 @@ class Backends:
         return default if outcome is None else outcome
 
     def activities(self) -> list[Callable[..., Any]]:
-        breakers = BreakerRegistry()
+        breakers = BreakerRegistry(clock=server_clock)
 
         def boundary(transport: Transport) -> ActivityBoundary:
             from contracts.resilience import default_policy
@@ -123,7 +124,7 @@ class Backends:
 
         async def undo_register_service(compensation: CompensationInput) -> dict[str, Any]:
             return await self._call(  # type: ignore[no-any-return]
-                "consul.undo_register_service", compensation, {"action": "deregistered"}
+                "consul.undo_register_service", compensation, undone(compensation, "deregistered")
             )
 
         async def upsert_node(request: RegisterNodeRequest) -> dict[str, Any]:
@@ -138,7 +139,7 @@ class Backends:
 
         async def restore_node(compensation: CompensationInput) -> dict[str, Any]:
             return await self._call(  # type: ignore[no-any-return]
-                "postgres.restore_node", compensation, {"action": "deleted"}
+                "postgres.restore_node", compensation, undone(compensation, "deleted")
             )
 
         async def deregister_service(request: DeregisterNodeRequest) -> dict[str, Any]:
@@ -178,6 +179,22 @@ class Backends:
             "postgres.deactivate_node": postgres.wrap("deactivate_node", deactivate_node),
         }
         return [activity.defn(name=name)(fn) for name, fn in definitions.items()]
+
+
+def server_clock() -> float:
+    """The scripted breakers' clock: the Temporal server's time (when the current attempt was
+    scheduled), so that an open breaker closes as the time-skipping server's time passes, as a
+    real one does in real time. (time.monotonic would keep it open while the server skips a
+    15-minute window or a compensation's budget in a moment.)"""
+    if activity.in_activity():
+        return activity.info().current_attempt_scheduled_time.timestamp()
+    return time.monotonic()
+
+
+def undone(compensation: CompensationInput, action: str) -> dict[str, Any]:
+    """A scripted compensation's default answer: ``action``; for an ambiguous one (its step
+    failed), ``unchanged``, since a scripted step that raised wrote nothing."""
+    return {"action": "unchanged" if compensation.ambiguous else action}
 
 
 def refused(attempt: int) -> None:
