@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -36,7 +35,7 @@ from contracts.registry import (
     RegisterNodeRequest,
     SkippedResult,
 )
-from contracts.resilience import RetrySettings
+from contracts.resilience import ResiliencePolicy, RetrySettings, default_policy
 from workers.contract_files import read_handlers, read_operations
 from workers.settings import CONTRACTS_DIR
 from workflows import WORKFLOWS
@@ -99,15 +98,13 @@ class Backends:
         return default if outcome is None else outcome
 
     def activities(self) -> list[Callable[..., Any]]:
-        breakers = BreakerRegistry(clock=server_clock)
+        breakers = BreakerRegistry()
 
         def boundary(transport: Transport) -> ActivityBoundary:
-            from contracts.resilience import default_policy
-
             return ActivityBoundary(
                 transport=transport,
                 target=f"{transport.value}-scripted",
-                policy=default_policy(transport),
+                policy=scripted_policy(transport),
                 breakers=breakers,
                 uniform=lambda: 0.5,
             )
@@ -181,14 +178,16 @@ class Backends:
         return [activity.defn(name=name)(fn) for name, fn in definitions.items()]
 
 
-def server_clock() -> float:
-    """The scripted breakers' clock: the Temporal server's time (when the current attempt was
-    scheduled), so that an open breaker closes as the time-skipping server's time passes, as a
-    real one does in real time. (time.monotonic would keep it open while the server skips a
-    15-minute window or a compensation's budget in a moment.)"""
-    if activity.in_activity():
-        return activity.info().current_attempt_scheduled_time.timestamp()
-    return time.monotonic()
+def scripted_policy(transport: Transport) -> ResiliencePolicy:
+    """The transport's policy with a breaker that never opens in a workflow test.
+
+    A breaker's clock is the process's, which does not skip with the time-skipping server's:
+    an open breaker would hold a retry or a compensation for real seconds while the server
+    skips a 15-minute window or a compensation's budget in a moment. Breakers are tested on
+    their own (tests/activities/test_breaker.py)."""
+    policy = default_policy(transport)
+    breaker = policy.circuit_breaker.model_copy(update={"failure_threshold": 1000})
+    return policy.model_copy(update={"circuit_breaker": breaker})
 
 
 def undone(compensation: CompensationInput, action: str) -> dict[str, Any]:

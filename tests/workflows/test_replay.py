@@ -12,6 +12,7 @@ from workers.replay import load_histories, replay_files, replayer
 EXPECTED = {
     "deregister_success.json",
     "register_all_or_nothing_compensated.json",
+    "register_ambiguous_failure_undone.json",
     "register_cancelled_compensated.json",
     "register_cancelled_during_retry.json",
     "register_compensation_failed.json",
@@ -21,6 +22,7 @@ EXPECTED = {
     "register_partial_retry_success.json",
     "register_partial_window_expired_compensated.json",
     "register_success.json",
+    "register_superseded_undo.json",
 }
 
 
