@@ -5,7 +5,8 @@ Registrations (one per node, with the local agent)::
     ID       onex-<node_type>-<node_id>
     Name     onex-<node_type>
     Tags     "onex", "node-type:<node_type>", then the request's tags (no duplicates)
-    Meta     node_id, node_version, correlation_id (when known), health_url
+    Meta     node_id, node_version, correlation_id (when known), health_url, onex_writer (the
+             run that registered it: ``<workflow id>/<run id>``, see activities/writer.py)
     Check    HTTP GET on the node's health endpoint, with ConsulSettings' check_interval,
              check_timeout and deregister_critical_after
 
@@ -18,22 +19,33 @@ Idempotency rules (every operation may run again: Temporal retries it after a lo
 * ``register_service`` reads the registration the ID has now, then registers (Consul replaces a
   registration with the same ID); the one read is returned as ``previous`` for the
   compensation. A repeat succeeds (and registers again).
-* Pre-images: the request's correlation id names one operation (the workflow hands the same
-  request to every attempt and to the compensation). Before it writes, the first attempt of
-  ``register_service`` or ``deregister_service`` stores the registration it read in KV, at
-  ``onex/preimages/<service_id>/<correlation_id>/<operation>`` (JSON, ``{"state": "absent"}``
-  when there was none), with a create-only check-and-set (``cas=0``). When that key exists
-  already, the call is a repeat: it reports the stored registration as ``previous`` rather
-  than the one its own first attempt wrote, so the compensation restores the true pre-image.
-  A different correlation id is a new operation. A request without a correlation id stores
-  nothing and reports what it reads (a repeat then reports the first attempt's own write).
+* Pre-images: the writer (the workflow id and run id of the activity's workflow) names one
+  run's operation; a reused correlation id or a reset workflow is another writer. Before it
+  writes, the first attempt of ``register_service`` or ``deregister_service`` stores the
+  registration it read in KV, at ``onex/preimages/<service_id>/<writer>/<operation>`` (JSON,
+  ``{"state": "absent"}`` when there was none), with a create-only check-and-set (``cas=0``).
+  When that key exists already, the call is a repeat: it reports the stored registration as
+  ``previous`` rather than the one its own first attempt wrote, so the compensation restores
+  the true pre-image. Keys are read back with their indexes: one rewritten since it was
+  created (ModifyIndex past CreateIndex) is not trusted. Without a writer nothing is stored.
   The keys are never deleted here (remove them by prefix when no workflow can still
   compensate); the ACL token needs write access to the ``onex/preimages/`` prefix.
-* ``undo_register_service`` deregisters when there was no previous registration (one already
-  gone is success, ``unchanged``), else registers the previous definition again (``restored``).
+* Compensations are fenced (an undo never destroys newer work). ``undo_register_service``
+  changes the service only while its Meta writer is still this run's: then it deregisters
+  (no previous registration) or registers the previous definition again (``restored``). A
+  service already as it was before is ``unchanged``; one another run registered (or removed)
+  since is left alone, ``superseded``, with a reason naming that run's workflow id.
+  Registrations made before writers were recorded are fenced on their correlation id.
 * ``deregister_service`` of a service already gone is a success with ``existed=False``; a
   repeat reports the stored pre-image, so ``existed`` stays True after a lost reply.
-* ``undo_deregister_service`` registers the removed definition again, if there was one.
+* ``undo_deregister_service`` registers the removed definition again only while the service
+  is still absent, as the deregistration left it; else ``superseded`` (or ``unchanged`` when it
+  is already the removed definition).
+* An ambiguous compensation (the step failed in a way that may have reached the agent; no
+  forward result) uses the pre-image this writer stored: none means the step never got as far
+  as writing (``unchanged``); one is undone as above. The agent has no check-and-set for
+  services: the fence is a read just before the write, so a registration made by another run
+  in that moment can still be overwritten.
 
 Each operation makes one attempt; failures propagate as native python-consul2/aiohttp/OS errors
 for the activity boundary to classify. ``consul.aio`` has no per-call timeout, so the Consul
@@ -57,6 +69,7 @@ import json
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import consul
@@ -78,13 +91,15 @@ from activities.resilience.correlation import current_correlation_id
 from activities.resilience.refresh import refresh_once
 from activities.resilience.sanitize import register_secret
 from activities.settings import ConsulSettings
-from contracts.errors import ConfigurationError, ErrorContext, Transport
+from activities.writer import CONSUL_META_KEY, current_writer, is_ours, meta_writer, writer_workflow
+from contracts.errors import ConfigurationError, ErrorContext, InfraDataIntegrityError, Transport
 from contracts.registry import (
     CompensationInput,
     DeregisterNodeRequest,
     DeregisterServiceResult,
     RegisterNodeRequest,
     RegisterServiceResult,
+    UndoAction,
 )
 
 __all__ = [
@@ -133,9 +148,13 @@ class _Model(BaseModel):
 
 
 class UndoResult(_Model):
-    """``consul.undo_register_service`` / ``consul.undo_deregister_service``: what was done."""
+    """``consul.undo_register_service`` / ``consul.undo_deregister_service``: what was done,
+    and why when it was superseded."""
 
-    action: str = Field(description="deregistered, restored, or unchanged")
+    action: UndoAction = Field(description="deregistered, restored, unchanged, or superseded")
+    reason: str | None = Field(
+        default=None, description="For superseded: which workflow changed the service since"
+    )
 
 
 class ServiceHealthRequest(_Model):
@@ -327,12 +346,13 @@ class ConsulHandler(HandlerBase):
 
     async def register_service(self, request: RegisterNodeRequest) -> RegisterServiceResult:
         """Register the node (replacing any registration of its ID), returning the one before."""
-        definition = self._definition(request)
+        writer = current_writer(request.correlation_id)
+        definition = self._definition(request, writer)
 
         async def work(api: Any) -> RegisterServiceResult:
             current = await _read_service(api, request.consul_service_id, self._check)
             previous = await self._preimage(
-                api, request.consul_service_id, request.correlation_id, "register_service", current
+                api, request.consul_service_id, writer, "register_service", current
             )
             await _register(api, definition)
             return RegisterServiceResult(
@@ -344,24 +364,45 @@ class ConsulHandler(HandlerBase):
         return await self._run(work)
 
     async def undo_register_service(self, compensation: CompensationInput) -> UndoResult:
-        """Undo ``register_service``: remove the service, or put back what it replaced."""
-        forward = self._forward(compensation, RegisterServiceResult, "undo_register_service")
-        previous = forward.previous
-        if previous is None:
-            removed = await self._run(lambda api: _deregister(api, forward.service_id))
-            return UndoResult(action="deregistered" if removed else "unchanged")
-        await self._run(lambda api: _register(api, previous))
-        return UndoResult(action="restored")
+        """Undo ``register_service``, fenced: remove the service, or put back what it replaced,
+        only while the service is still this run's registration (else ``superseded``)."""
+        writer = current_writer(compensation.correlation_id)
+
+        async def work(api: Any) -> UndoResult:
+            if compensation.ambiguous:
+                service_id = _service_id(compensation.request)
+                stored = await self._stored(api, service_id, writer, "register_service")
+                if stored is None:
+                    return UndoResult(action=UndoAction.UNCHANGED)  # it never got this far
+                previous = stored.definition
+            else:
+                forward = self._forward(
+                    compensation, RegisterServiceResult, "undo_register_service"
+                )
+                service_id, previous = forward.service_id, forward.previous
+            current = await _read_service(api, service_id, self._check)
+            if _same_service(current, previous):
+                return UndoResult(action=UndoAction.UNCHANGED)
+            if not _registered_by(current, writer, compensation.correlation_id):
+                return self._superseded(service_id, current)
+            if previous is None:
+                removed = await _deregister(api, service_id)
+                return UndoResult(
+                    action=UndoAction.DEREGISTERED if removed else UndoAction.UNCHANGED
+                )
+            await _register(api, previous)
+            return UndoResult(action=UndoAction.RESTORED)
+
+        return await self._run(work)
 
     async def deregister_service(self, request: DeregisterNodeRequest) -> DeregisterServiceResult:
         """Remove the node's service; one already gone is a success with ``existed=False``."""
         service_id = request.consul_service_id
+        writer = current_writer(request.correlation_id)
 
         async def work(api: Any) -> DeregisterServiceResult:
             current = await _read_service(api, service_id, self._check)
-            previous = await self._preimage(
-                api, service_id, request.correlation_id, "deregister_service", current
-            )
+            previous = await self._preimage(api, service_id, writer, "deregister_service", current)
             removed = await _deregister(api, service_id)
             return DeregisterServiceResult(
                 service_id=service_id, existed=removed or previous is not None, previous=previous
@@ -370,13 +411,31 @@ class ConsulHandler(HandlerBase):
         return await self._run(work)
 
     async def undo_deregister_service(self, compensation: CompensationInput) -> UndoResult:
-        """Undo ``deregister_service``: register the removed definition again, if there was one."""
-        forward = self._forward(compensation, DeregisterServiceResult, "undo_deregister_service")
-        previous = forward.previous
-        if previous is None:
-            return UndoResult(action="unchanged")
-        await self._run(lambda api: _register(api, previous))
-        return UndoResult(action="restored")
+        """Undo ``deregister_service``, fenced: register the removed definition again only while
+        the service is still absent, as the deregistration left it (else ``superseded``)."""
+        writer = current_writer(compensation.correlation_id)
+
+        async def work(api: Any) -> UndoResult:
+            if compensation.ambiguous:
+                service_id = _service_id(compensation.request)
+                stored = await self._stored(api, service_id, writer, "deregister_service")
+                previous = None if stored is None else stored.definition
+            else:
+                forward = self._forward(
+                    compensation, DeregisterServiceResult, "undo_deregister_service"
+                )
+                service_id, previous = forward.service_id, forward.previous
+            if previous is None:
+                return UndoResult(action=UndoAction.UNCHANGED)  # nothing was removed
+            current = await _read_service(api, service_id, self._check)
+            if _same_service(current, previous):
+                return UndoResult(action=UndoAction.UNCHANGED)
+            if current is not None:
+                return self._superseded(service_id, current)
+            await _register(api, previous)
+            return UndoResult(action=UndoAction.RESTORED)
+
+        return await self._run(work)
 
     async def service_health(self, request: ServiceHealthRequest) -> ServiceHealthResult:
         """The instances of the service whose checks all pass."""
@@ -512,32 +571,62 @@ class ConsulHandler(HandlerBase):
         self,
         api: Any,
         service_id: str,
-        correlation_id: uuid.UUID | None,
+        writer: str | None,
         operation: str,
         current: dict[str, Any] | None,
     ) -> dict[str, Any] | None:
         """The registration before the operation: ``current`` on its first attempt, which
-        stores it (create-only); the stored one on a repeat (same correlation id). Without a
-        correlation id nothing is stored and ``current`` is the answer."""
-        if correlation_id is None:
+        stores it (create-only, ``cas=0``); the stored one on a repeat (same writer: the same
+        run). Without a writer nothing is stored and ``current`` is the answer."""
+        if writer is None:
             return current
-        key = f"{PREIMAGE_PREFIX}{service_id}/{correlation_id}/{operation}"
-        stored = _encode_preimage(current)
-        if await api.kv.put(key, stored, cas=0):
+        if await api.kv.put(_preimage_key(service_id, writer, operation), _encode(current), cas=0):
             return current  # the first attempt: what was read now is the pre-image
-        _, found = await api.kv.get(key)
-        if found is None:
+        stored = await self._stored(api, service_id, writer, operation)
+        if stored is None:
             # The key existed a moment ago and was deleted since (by hand): what is there now
             # is the best pre-image left.
-            logger.warning("consul_preimage_vanished", target=self.target, key=key)
+            logger.warning("consul_preimage_vanished", target=self.target, service_id=service_id)
             return current
+        return stored.definition
+
+    async def _stored(
+        self, api: Any, service_id: str, writer: str | None, operation: str
+    ) -> _Preimage | None:
+        """The pre-image ``writer`` stored for ``operation`` (None if it stored none), read with
+        its indexes: a create-only key whose ModifyIndex moved past its CreateIndex was
+        rewritten by someone else and is not trusted."""
+        if writer is None:
+            return None
+        key = _preimage_key(service_id, writer, operation)
+        _, found = await api.kv.get(key)
+        if found is None:
+            return None
+        if found.get("ModifyIndex") != found.get("CreateIndex"):
+            raise InfraDataIntegrityError(
+                f"Consul key {key!r} was rewritten after its pre-image was stored; it cannot be "
+                "trusted for an undo",
+                context=self._context(operation),
+            )
         try:
-            return _decode_preimage(found.get("Value"))
+            return _Preimage(_decode_preimage(found.get("Value")), int(found["ModifyIndex"]))
         except ValueError:
             raise ConfigurationError(
                 f"Consul key {key!r} does not hold a pre-image written by this handler",
-                context=self._context(operation, correlation_id),
+                context=self._context(operation),
             ) from None
+
+    def _superseded(self, service_id: str, current: Mapping[str, Any] | None) -> UndoResult:
+        """Leave the service alone: another run changed it after this run's write."""
+        if current is None:
+            reason = "the service was deregistered since"
+        else:
+            writer = meta_writer(current.get("Meta") or {})
+            reason = f"the service was registered since by {writer_workflow(writer)}"
+        logger.info(
+            "consul_undo_superseded", target=self.target, service_id=service_id, reason=reason
+        )
+        return UndoResult(action=UndoAction.SUPERSEDED, reason=reason)
 
     def _context(self, operation: str, correlation_id: uuid.UUID | None = None) -> ErrorContext:
         return ErrorContext(
@@ -547,8 +636,9 @@ class ConsulHandler(HandlerBase):
             correlation_id=correlation_id or current_correlation_id(),
         )
 
-    def _definition(self, request: RegisterNodeRequest) -> dict[str, Any]:
-        """What is registered for the node, in the form :func:`_read_service` returns."""
+    def _definition(self, request: RegisterNodeRequest, writer: str | None) -> dict[str, Any]:
+        """What is registered for the node, in the form :func:`_read_service` returns; the
+        writer goes in the Meta, for the compensation's fence."""
         node_type = request.node_type.value
         tags = list(dict.fromkeys(("onex", f"node-type:{node_type}", *request.tags)))
         health_url = str(request.endpoints.health)
@@ -560,6 +650,8 @@ class ConsulHandler(HandlerBase):
         correlation_id = request.correlation_id or current_correlation_id()
         if correlation_id is not None:
             meta["correlation_id"] = str(correlation_id)
+        if writer is not None:
+            meta[CONSUL_META_KEY] = writer
         return {
             "ID": request.consul_service_id,
             "Name": request.consul_service_name,
@@ -655,7 +747,45 @@ async def _deregister(api: Any, service_id: str) -> bool:
     return removed
 
 
-def _encode_preimage(definition: Mapping[str, Any] | None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class _Preimage:
+    """A stored pre-image: ``definition`` is None when there was no registration."""
+
+    definition: dict[str, Any] | None
+    modify_index: int
+
+
+def _preimage_key(service_id: str, writer: str, operation: str) -> str:
+    return f"{PREIMAGE_PREFIX}{service_id}/{writer}/{operation}"
+
+
+def _service_id(request: Mapping[str, Any]) -> str:
+    """The service id of a register or deregister request (as the workflow hands it over)."""
+    return f"onex-{request['node_type']}-{request['node_id']}"
+
+
+# What identifies a registration's content (the check is rebuilt from Meta's health_url).
+_COMPARED = ("ID", "Name", "Address", "Port", "Tags", "Meta", "EnableTagOverride")
+
+
+def _same_service(current: Mapping[str, Any] | None, previous: Mapping[str, Any] | None) -> bool:
+    """No registration either way, or the same registration."""
+    if current is None or previous is None:
+        return current is previous
+    return all(current.get(key) == previous.get(key) for key in _COMPARED)
+
+
+def _registered_by(
+    current: Mapping[str, Any] | None, writer: str | None, correlation_id: uuid.UUID | None
+) -> bool:
+    """Whether the service as it is now is ``writer``'s registration (see activities.writer)."""
+    if current is None:
+        return writer is None
+    meta = current.get("Meta") or {}
+    return is_ours(meta_writer(meta), meta.get("correlation_id"), writer, correlation_id)
+
+
+def _encode(definition: Mapping[str, Any] | None) -> bytes:
     """A pre-image as stored in KV: the definition, or the sentinel for "no registration"."""
     if definition is None:
         return json.dumps({"state": "absent"}).encode()
@@ -663,7 +793,7 @@ def _encode_preimage(definition: Mapping[str, Any] | None) -> bytes:
 
 
 def _decode_preimage(raw: bytes | None) -> dict[str, Any] | None:
-    """The definition stored by :func:`_encode_preimage` (None for absent); ValueError if the
+    """The definition stored by :func:`_encode` (None for absent); ValueError if the
     value is not one."""
     try:
         stored = json.loads(bytes(raw or b"").decode("utf-8"))

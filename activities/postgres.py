@@ -7,7 +7,8 @@ Tables (created by the versioned migrations in ``activities/migrations/``, see
     One row per node: the source of truth of the registry. ``status`` is ``active`` or
     ``inactive``; ``row_version`` grows by one with every change (never goes back, not even when
     a compensation restores an older row); ``correlation_id`` is that of the last request that
-    changed the row; ``registered_at`` is the first registration.
+    changed the row; ``written_by`` the run that did (see :mod:`activities.writer`; NULL for
+    rows written before it was recorded); ``registered_at`` is the first registration.
 ``onex_outbox``
     Events waiting for the relay to publish them to Kafka, one row per ``event_id``, with the
     topic, the message key (fixed per topic family), the envelope and the Kafka headers.
@@ -17,29 +18,36 @@ Tables (created by the versioned migrations in ``activities/migrations/``, see
     ``(domain, message_id)`` pairs a consumer has handled, for at-least-once deduplication.
 ``onex_node_preimages``
     The row a forward operation found before its first attempt (``previous``, NULL for none),
-    one per ``(node_id, correlation_id, operation)``; see the idempotency rules below.
+    one per ``(node_id, writer, operation)``; see the idempotency rules below.
 
 Idempotency rules (every operation may run again: Temporal retries it after a lost reply):
 
 * ``upsert_node`` locks the existing row, then inserts or updates it, in one transaction, and
   returns the row before (None for a new node) for its compensation. A repeat succeeds and
   bumps ``row_version``.
-* Pre-images: the correlation id of a request names one operation (the workflow hands the same
-  request to every attempt and to the compensation). In the transaction of its write, the
-  first attempt of ``upsert_node`` (and ``upsert_node_and_enqueue``) or ``deactivate_node``
-  records the row it found in ``onex_node_preimages`` (``INSERT .. ON CONFLICT DO NOTHING``);
-  a repeat with the same correlation id finds that record and reports the stored row as
-  ``previous``, not the row its own first attempt wrote, so a compensation after a lost reply
-  restores the true pre-image. A different correlation id is a new operation and sees the row
-  as it is then. A request without a correlation id records nothing and reports the row as it
-  is now (a repeat then reports the first attempt's own write). Records are deleted only by
-  ``cleanup_preimages(ttl_seconds)``, which nothing schedules yet; the TTL must outlast the
-  longest workflow that may still compensate.
-* ``restore_node`` undoes ``upsert_node`` or ``deactivate_node`` from their result: no previous
-  row means delete it (already gone is success); otherwise put the previous row back exactly,
-  every field including ``status``, ``registered_at`` and ``updated_at``, with ``row_version``
-  moved forward. A row already equal to the previous one is left as it is, so a second call
-  changes nothing. A deactivation that changed nothing has nothing to undo.
+* Pre-images: the writer (:func:`activities.writer.current_writer`: the workflow id and run
+  id of the activity's workflow) names one run's operation; a reused correlation id or a reset
+  workflow is another writer. In the transaction of its write, the first attempt of
+  ``upsert_node`` (and ``upsert_node_and_enqueue``) or ``deactivate_node`` records the row it
+  found in ``onex_node_preimages`` (``INSERT .. ON CONFLICT DO NOTHING``); a repeat by the same
+  writer finds that record and reports the stored row as ``previous``, not the row its own
+  first attempt wrote, so a compensation after a lost reply restores the true pre-image.
+  Another writer is a new operation and sees the row as it is then. Without a writer (outside
+  an activity and without a correlation id) nothing is recorded and the row as it is now is
+  reported. Records are deleted only by ``cleanup_preimages(ttl_seconds)``, which nothing
+  schedules yet; the TTL must outlast the longest workflow that may still compensate.
+* ``restore_node`` undoes ``upsert_node`` or ``deactivate_node`` from their result, fenced (an
+  undo never destroys newer work): it locks the row; a row already as it was before is left as
+  it is (``unchanged``, so a second call changes nothing); a row whose writer is no longer this
+  run (a newer operation wrote it, or it is gone) is left as it is too, ``superseded``, with a
+  reason naming the newer writer's workflow id. Otherwise no previous row means delete it, and
+  a previous row is put back exactly, every field including ``status``, ``registered_at``,
+  ``updated_at`` and its writer, with ``row_version`` moved forward. A deactivation that
+  changed nothing has nothing to undo. Rows written before writers were recorded are fenced
+  on their correlation id instead.
+* An ambiguous ``restore_node`` (the step failed in a way that may have reached the database;
+  no forward result) looks up the pre-image this writer recorded: none means the write never
+  committed (``unchanged``); one is undone as above.
 * ``deactivate_node`` of a missing or already inactive node is a success that changes nothing.
   ``deactivated`` is True when ``previous`` (the stored pre-image, for a repeat) was active.
 * ``enqueue_event`` inserts once per ``event_id``; a repeat reports ``enqueued=False``.
@@ -61,6 +69,7 @@ import json
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast
 
 import asyncpg
@@ -83,6 +92,7 @@ from activities.resilience.breaker import Listener
 from activities.resilience.correlation import current_correlation_id
 from activities.resilience.refresh import refresh_once
 from activities.settings import PostgresSettings
+from activities.writer import current_writer, is_ours, writer_workflow
 from contracts.errors import ConfigurationError, ErrorContext, Transport
 from contracts.events import EventEnvelope
 from contracts.registry import (
@@ -96,6 +106,7 @@ from contracts.registry import (
     NodeStatus,
     RegisterNodeRequest,
     RestoreNodeResult,
+    UndoAction,
     UpsertNodeResult,
 )
 
@@ -132,7 +143,7 @@ logger = structlog.get_logger("onex.postgres")
 
 _NODE_COLUMNS = (
     "node_id, node_type, node_version, service_name, address, port, tags, endpoints, "
-    "metadata, status, row_version, correlation_id, registered_at, updated_at"
+    "metadata, status, row_version, correlation_id, registered_at, updated_at, written_by"
 )
 
 _SELECT_NODE = f"SELECT {_NODE_COLUMNS} FROM onex_nodes WHERE node_id = $1"  # noqa: S608
@@ -140,9 +151,9 @@ _SELECT_NODE = f"SELECT {_NODE_COLUMNS} FROM onex_nodes WHERE node_id = $1"  # n
 _UPSERT_NODE = f"""
 INSERT INTO onex_nodes (
     node_id, node_type, node_version, service_name, address, port, tags, endpoints, metadata,
-    status, correlation_id
+    status, correlation_id, written_by
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::jsonb, $9::jsonb, 'active', $10)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::jsonb, $9::jsonb, 'active', $10, $11)
 ON CONFLICT (node_id) DO UPDATE SET
     node_type      = EXCLUDED.node_type,
     node_version   = EXCLUDED.node_version,
@@ -155,6 +166,7 @@ ON CONFLICT (node_id) DO UPDATE SET
     status         = 'active',
     row_version    = onex_nodes.row_version + 1,
     correlation_id = COALESCE(EXCLUDED.correlation_id, onex_nodes.correlation_id),
+    written_by     = EXCLUDED.written_by,
     updated_at     = now()
 RETURNING {_NODE_COLUMNS}
 """  # noqa: S608
@@ -162,9 +174,9 @@ RETURNING {_NODE_COLUMNS}
 _RESTORE_NODE = """
 INSERT INTO onex_nodes (
     node_id, node_type, node_version, service_name, address, port, tags, endpoints, metadata,
-    status, row_version, correlation_id, registered_at, updated_at
+    status, row_version, correlation_id, registered_at, updated_at, written_by
 )
-VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14, $15)
 ON CONFLICT (node_id) DO UPDATE SET
     node_type      = EXCLUDED.node_type,
     node_version   = EXCLUDED.node_version,
@@ -178,7 +190,8 @@ ON CONFLICT (node_id) DO UPDATE SET
     row_version    = onex_nodes.row_version + 1,
     correlation_id = EXCLUDED.correlation_id,
     registered_at  = EXCLUDED.registered_at,
-    updated_at     = EXCLUDED.updated_at
+    updated_at     = EXCLUDED.updated_at,
+    written_by     = EXCLUDED.written_by
 """
 
 _DELETE_NODE = "DELETE FROM onex_nodes WHERE node_id = $1"
@@ -188,6 +201,7 @@ UPDATE onex_nodes
 SET status = 'inactive',
     row_version = row_version + 1,
     correlation_id = COALESCE($2, correlation_id),
+    written_by = $3,
     updated_at = now()
 WHERE node_id = $1
 """
@@ -207,15 +221,15 @@ WHERE processed_at < now() - $1::double precision * interval '1 second'
 _FORGET_PROCESSED = "DELETE FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
 
 _RECORD_PREIMAGE = """
-INSERT INTO onex_node_preimages (node_id, correlation_id, operation, previous)
-VALUES ($1, $2, $3, $4::jsonb)
-ON CONFLICT (node_id, correlation_id, operation) DO NOTHING
+INSERT INTO onex_node_preimages (node_id, writer, operation, previous, correlation_id)
+VALUES ($1, $2, $3, $4::jsonb, $5)
+ON CONFLICT (node_id, writer, operation) DO NOTHING
 RETURNING previous
 """
 
 _STORED_PREIMAGE = """
 SELECT previous FROM onex_node_preimages
-WHERE node_id = $1 AND correlation_id = $2 AND operation = $3
+WHERE node_id = $1 AND writer = $2 AND operation = $3
 """
 
 _CLEANUP_PREIMAGES = """
@@ -226,6 +240,13 @@ WHERE created_at < now() - $1::double precision * interval '1 second'
 # The ``operation`` of a pre-image record (upsert_node_and_enqueue shares upsert_node's).
 _UPSERT_OPERATION: Final = "upsert_node"
 _DEACTIVATE_OPERATION: Final = "deactivate_node"
+
+# The pre-image operation of each forward activity an ambiguous restore_node may undo.
+_AMBIGUOUS_OPERATIONS: Final = {
+    "postgres.upsert_node": _UPSERT_OPERATION,
+    "postgres.upsert_node_and_enqueue": _UPSERT_OPERATION,
+    "postgres.deactivate_node": _DEACTIVATE_OPERATION,
+}
 
 
 class PostgresIdempotencyStore:
@@ -378,20 +399,29 @@ class PostgresHandler(HandlerBase):
         return await self._run(work, transaction=True)
 
     async def restore_node(self, compensation: CompensationInput) -> RestoreNodeResult:
-        """Undo ``upsert_node`` or ``deactivate_node`` from its result (the compensation)."""
+        """Undo ``upsert_node`` or ``deactivate_node`` (the compensation), fenced: only while the
+        row is still this run's write; else ``superseded``, the row left as it is."""
+        writer = current_writer(compensation.correlation_id)
+        if compensation.ambiguous:
+            return await self._run(
+                lambda connection: _undo_ambiguous(connection, compensation, writer),
+                transaction=True,
+            )
         forward = _forward_result(compensation)
         previous = forward.previous
         if isinstance(forward, DeactivateNodeResult):
             if not forward.deactivated or previous is None:
-                return RestoreNodeResult(action="unchanged")  # the deactivation changed nothing
-        elif previous is None:  # the upsert created the node
+                # The deactivation changed nothing.
+                return RestoreNodeResult(action=UndoAction.UNCHANGED)
+            node_id = previous.node_id
+        else:
             node_id = forward.node.node_id
-            action = await self._run(lambda connection: _delete_row(connection, node_id))
-            return RestoreNodeResult(action=action)
-        action = await self._run(
-            lambda connection: _restore_row(connection, previous), transaction=True
+        return await self._run(
+            lambda connection: _undo(
+                connection, node_id, previous, writer, compensation.correlation_id
+            ),
+            transaction=True,
         )
-        return RestoreNodeResult(action=action)
 
     async def deactivate_node(self, request: DeregisterNodeRequest) -> DeactivateNodeResult:
         """Mark the node inactive; a missing or already inactive node is left as it is."""
@@ -577,41 +607,61 @@ async def _fetch_node(
 async def _preimage(
     connection: Any,
     node_id: uuid.UUID,
+    writer: str | None,
     correlation_id: uuid.UUID | None,
     operation: str,
     current: NodeRecord | None,
 ) -> NodeRecord | None:
     """The row before the operation: ``current`` on its first attempt, which records it; the
-    recorded row on a repeat (same correlation id). In the transaction of the write, after the
-    row lock. Without a correlation id nothing is recorded and ``current`` is the answer."""
-    if correlation_id is None:
+    recorded row on a repeat (same writer: the same run). In the transaction of the write,
+    after the row lock. Without a writer nothing is recorded and ``current`` is the answer."""
+    if writer is None:
         return current
     recorded = await connection.fetchrow(
         _RECORD_PREIMAGE,
         node_id,
-        correlation_id,
+        writer,
         operation,
         None if current is None else current.model_dump_json(),
+        correlation_id,
     )
     if recorded is not None:
         return current  # the first attempt: the row as read now is the pre-image
-    stored = await connection.fetchrow(_STORED_PREIMAGE, node_id, correlation_id, operation)
+    stored = await _stored_preimage(connection, node_id, writer, operation)
     if stored is None:
         # Committed by a concurrent attempt we waited for, then deleted by a cleanup meanwhile:
         # roll back and let the retry decide again.
         raise asyncpg.exceptions.SerializationError(
             "the pre-image record changed concurrently; retry to read it"
         )
+    return stored.previous
+
+
+@dataclass(frozen=True, slots=True)
+class _Preimage:
+    """A recorded pre-image: ``previous`` is None when there was no row."""
+
+    previous: NodeRecord | None
+
+
+async def _stored_preimage(
+    connection: Any, node_id: uuid.UUID, writer: str, operation: str
+) -> _Preimage | None:
+    """The pre-image ``writer`` recorded for ``operation``, or None if it recorded none."""
+    stored = await connection.fetchrow(_STORED_PREIMAGE, node_id, writer, operation)
+    if stored is None:
+        return None
     previous = _json(stored["previous"])
-    return None if previous is None else NodeRecord.model_validate(previous)
+    return _Preimage(None if previous is None else NodeRecord.model_validate(previous))
 
 
 async def _write_node(connection: Any, request: RegisterNodeRequest) -> UpsertNodeResult:
-    """Lock the existing row, record or read back the pre-image, then insert or update the row.
-    In a transaction."""
+    """Lock the existing row, record or read back the pre-image, then insert or update the row
+    (stamped with its writer). In a transaction."""
+    writer = current_writer(request.correlation_id)
     current = await _fetch_node(connection, request.node_id, for_update=True)
     previous = await _preimage(
-        connection, request.node_id, request.correlation_id, _UPSERT_OPERATION, current
+        connection, request.node_id, writer, request.correlation_id, _UPSERT_OPERATION, current
     )
     row = await connection.fetchrow(
         _UPSERT_NODE,
@@ -625,6 +675,7 @@ async def _write_node(connection: Any, request: RegisterNodeRequest) -> UpsertNo
         json.dumps(request.endpoints.model_dump(mode="json")),
         json.dumps(request.metadata),
         request.correlation_id or current_correlation_id(),
+        writer,
     )
     node = _node_record(row)
     if current is None and node.row_version != 1:
@@ -636,11 +687,70 @@ async def _write_node(connection: Any, request: RegisterNodeRequest) -> UpsertNo
     return UpsertNodeResult(node=node, previous=previous)
 
 
-async def _restore_row(connection: Any, previous: NodeRecord) -> str:
-    """Put ``previous`` back, every field but a forward-moving ``row_version``. In a transaction."""
-    current = await _fetch_node(connection, previous.node_id, for_update=True)
-    if current is not None and _same_content(current, previous):
-        return "unchanged"
+async def _undo(
+    connection: Any,
+    node_id: uuid.UUID,
+    previous: NodeRecord | None,
+    writer: str | None,
+    correlation_id: uuid.UUID | None,
+) -> RestoreNodeResult:
+    """Put the row back as ``previous`` (delete it for None), fenced on its writer: a row
+    already as ``previous`` is ``unchanged``; a row another run wrote since (or removed) is
+    ``superseded`` and left alone. Locks the row; in a transaction."""
+    current = await _fetch_node(connection, node_id, for_update=True)
+    if _same_state(current, previous):
+        return RestoreNodeResult(action=UndoAction.UNCHANGED)
+    if writer is not None and (
+        current is None
+        or not is_ours(current.written_by, current.correlation_id, writer, correlation_id)
+    ):
+        reason = (
+            "the node's row was removed since"
+            if current is None
+            else f"the node was written since by {writer_workflow(current.written_by)}"
+        )
+        logger.info("postgres_undo_superseded", node_id=str(node_id), reason=reason)
+        return RestoreNodeResult(action=UndoAction.SUPERSEDED, reason=reason)
+    if previous is None:
+        await connection.execute(_DELETE_NODE, node_id)
+        return RestoreNodeResult(action=UndoAction.DELETED)
+    await _restore_row(connection, previous)
+    return RestoreNodeResult(action=UndoAction.RESTORED)
+
+
+async def _undo_ambiguous(
+    connection: Any, compensation: CompensationInput, writer: str | None
+) -> RestoreNodeResult:
+    """Undo a step that failed in a way that may have reached the database: the pre-image this
+    writer recorded (in the transaction of its write) says whether the write committed."""
+    operation = _AMBIGUOUS_OPERATIONS.get(compensation.forward_activity or "")
+    node_id = compensation.request.get("node_id")
+    if operation is None or node_id is None:
+        raise ConfigurationError(
+            "an ambiguous restore_node needs the forward activity (postgres.upsert_node or "
+            "postgres.deactivate_node) and a request with a node_id",
+            context=ErrorContext(
+                transport=Transport.DATABASE,
+                operation="restore_node",
+                target=TARGET,
+                correlation_id=compensation.correlation_id,
+            ),
+        )
+    node = uuid.UUID(str(node_id))
+    stored = None if writer is None else await _stored_preimage(connection, node, writer, operation)
+    if stored is None:
+        return RestoreNodeResult(action=UndoAction.UNCHANGED)  # the write never committed
+    previous = stored.previous
+    if operation == _DEACTIVATE_OPERATION and (
+        previous is None or previous.status is not NodeStatus.ACTIVE
+    ):
+        return RestoreNodeResult(action=UndoAction.UNCHANGED)  # the deactivation changed nothing
+    return await _undo(connection, node, previous, writer, compensation.correlation_id)
+
+
+async def _restore_row(connection: Any, previous: NodeRecord) -> None:
+    """Put ``previous`` back, every field (its writer too) but a forward-moving
+    ``row_version``. In a transaction, after the row lock."""
     await connection.execute(
         _RESTORE_NODE,
         previous.node_id,
@@ -657,26 +767,25 @@ async def _restore_row(connection: Any, previous: NodeRecord) -> str:
         previous.correlation_id,
         previous.registered_at,
         previous.updated_at,
+        previous.written_by,
     )
-    return "restored"
-
-
-async def _delete_row(connection: Any, node_id: uuid.UUID) -> str:
-    status: str = await connection.execute(_DELETE_NODE, node_id)
-    return "deleted" if status.split()[-1] != "0" else "unchanged"
 
 
 async def _deactivate(connection: Any, request: DeregisterNodeRequest) -> DeactivateNodeResult:
     """Lock the row, record or read back the pre-image, then deactivate the row if it is active.
     In a transaction. ``deactivated`` reports whether the operation (its first attempt, for a
     repeat) turned an active node inactive."""
+    writer = current_writer(request.correlation_id)
     current = await _fetch_node(connection, request.node_id, for_update=True)
     previous = await _preimage(
-        connection, request.node_id, request.correlation_id, _DEACTIVATE_OPERATION, current
+        connection, request.node_id, writer, request.correlation_id, _DEACTIVATE_OPERATION, current
     )
     if current is not None and current.status is NodeStatus.ACTIVE:
         await connection.execute(
-            _DEACTIVATE_NODE, request.node_id, request.correlation_id or current_correlation_id()
+            _DEACTIVATE_NODE,
+            request.node_id,
+            request.correlation_id or current_correlation_id(),
+            writer,
         )
     deactivated = previous is not None and previous.status is NodeStatus.ACTIVE
     return DeactivateNodeResult(previous=previous, deactivated=deactivated)
@@ -726,11 +835,15 @@ def _node_record(row: Any) -> NodeRecord:
         correlation_id=row["correlation_id"],
         registered_at=row["registered_at"],
         updated_at=row["updated_at"],
+        written_by=row["written_by"],
     )
 
 
-def _same_content(current: NodeRecord, previous: NodeRecord) -> bool:
-    """Equal in every field but ``row_version`` (which only ever moves forward)."""
+def _same_state(current: NodeRecord | None, previous: NodeRecord | None) -> bool:
+    """No row either way, or equal in every field but ``row_version`` (which only ever moves
+    forward)."""
+    if current is None or previous is None:
+        return current is previous
     return current.model_dump(exclude={"row_version"}) == previous.model_dump(
         exclude={"row_version"}
     )

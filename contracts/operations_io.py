@@ -37,6 +37,9 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
+    # The undo found newer work by another run (or a row that is no longer this run's) and
+    # changed nothing: an undo never destroys newer work. Not a failure.
+    SUPERSEDED = "superseded"
 
 
 class OperationInput(BaseModel):
@@ -59,6 +62,8 @@ class BackendResult(BaseModel):
     error_type: str | None = None
     error: str | None = None
     skip_reason: str | None = None
+    # Why the step's undo changed nothing (status superseded): the newer writer's workflow id.
+    superseded_reason: str | None = None
     duration_ms: float = 0.0
     attempts: int = 0
     result: dict[str, Any] | None = Field(default=None, exclude=True)
@@ -112,7 +117,9 @@ def event_payload(
             "ttl_seconds": REGISTERED_TTL_SECONDS,
         }
     if topic == TopicName.REGISTRY_NODE_REGISTRATION_FAILED:
-        first_failure = next((b for b in result.backends if b.status == StepStatus.FAILED), None)
+        # A failed step keeps its error after its (ambiguous) undo ran: look for the error, not
+        # the status, so that a compensated failure is still the one reported.
+        first_failure = next((b for b in result.backends if b.error is not None), None)
         return {
             "node_id": node_id,
             "error_code": first_failure.error_code if first_failure else None,

@@ -133,14 +133,26 @@ class NodeRecord(_Contract):
     correlation_id: uuid.UUID | None
     registered_at: datetime
     updated_at: datetime
+    # The run that wrote the row last (``<workflow id>/<run id>``, see activities/writer.py);
+    # None for rows written before writers were recorded. Compensations fence on it.
+    written_by: str | None = None
 
 
 class CompensationInput(_Contract):
-    """What a compensation activity receives: the request, and the result of the step it undoes."""
+    """What a compensation activity receives: the request, and the result of the step it undoes.
+
+    ``ambiguous``: the step finally failed in a way that may have reached the backend (a
+    retryable error or a timeout), so there is no ``forward_result`` (``{}``); the compensation
+    looks up the pre-image this run recorded, if any, and undoes only what it finds.
+    ``forward_activity`` names the step (``postgres.upsert_node``) for a compensation that
+    undoes more than one kind of step. Both default so that older payloads still validate.
+    """
 
     request: dict[str, Any]
     forward_result: dict[str, Any]
     correlation_id: uuid.UUID | None = None
+    ambiguous: bool = False
+    forward_activity: str | None = None
 
 
 class UpsertNodeResult(_Contract):
@@ -150,10 +162,24 @@ class UpsertNodeResult(_Contract):
     previous: NodeRecord | None
 
 
-class RestoreNodeResult(_Contract):
-    """``postgres.restore_node``: what the compensation did."""
+class UndoAction(StrEnum):
+    """What a compensation did. ``superseded``: the row or service is no longer what this run
+    wrote (a newer operation changed it), so it was left as it is."""
 
-    action: str = Field(description="restored, deleted, or unchanged")
+    RESTORED = "restored"
+    DELETED = "deleted"
+    DEREGISTERED = "deregistered"
+    UNCHANGED = "unchanged"
+    SUPERSEDED = "superseded"
+
+
+class RestoreNodeResult(_Contract):
+    """``postgres.restore_node``: what the compensation did, and why when it was superseded."""
+
+    action: UndoAction = Field(description="restored, deleted, unchanged, or superseded")
+    reason: str | None = Field(
+        default=None, description="For superseded: which workflow wrote the row since"
+    )
 
 
 class DeactivateNodeResult(_Contract):

@@ -11,6 +11,12 @@ step whose backend is disabled is reported as skipped, with the reason, and neve
 * Cancellation waits for steps in flight and for a running retry, compensates everything on
   the stack (shielded), then the workflow ends cancelled. A cancel before any step started
   writes nothing; a cancel after the operation succeeded reports the success.
+* Every compensation is fenced (the activities compare against what this run wrote): one that
+  finds newer work by another run changes nothing and reports ``superseded``, and the step is
+  shown superseded with the reason, never as a failure. A step that finally failed in a way
+  that may have reached its backend (a retryable error, a timeout) pushes an *ambiguous*
+  compensation, which undoes only what the run's recorded pre-image shows it wrote; an
+  operation whose steps all failed runs those before it ends. A refusal pushes nothing.
 * A compensation that fails after its budget (bounded by time, not attempts) pauses the
   operation in ``compensation_paused``: it stays open, lists what is stuck and why, and waits
   for an operator's ``resume_compensation`` or ``abandon(reason)`` Update.
@@ -35,7 +41,8 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, RetryState
+from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 
 with workflow.unsafe.imports_passed_through():
     from contracts.errors import CompensationFailedError
@@ -49,10 +56,10 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
         event_payload,
     )
-    from contracts.registry import CompensationInput
+    from contracts.registry import CompensationInput, UndoAction
     from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
     from contracts.topics import TopicName
-    from workflows.saga import Compensation, Saga
+    from workflows.saga import Compensation, Saga, Undone
 
 
 # Patch ids: each names one behaviour change. Never rename or reuse one; remove a patch only
@@ -68,6 +75,13 @@ PATCH_CANCEL_WAITS_FOR_RETRY = "onex-cancel-waits-for-running-retry"
 PATCH_PATIENT_EVENTS = "onex-events-bounded-by-time"
 # A failed compensation used to end the workflow; it now pauses for an operator.
 PATCH_COMPENSATION_PAUSE = "onex-compensation-pauses-for-operator"
+# A compensation's result used to be ignored: an undo that found newer work by another run and
+# changed nothing was reported compensated. It is now reported superseded, with the reason.
+PATCH_SUPERSEDED_UNDO = "onex-undo-superseded-by-newer-work"
+# A step that finally failed after its write may have landed (a retryable error, a timeout) was
+# never undone, leaving e.g. an orphaned Consul service: it now pushes a fenced, ambiguous
+# compensation, and an operation whose steps all failed runs those before it ends.
+PATCH_AMBIGUOUS_UNDO = "onex-ambiguous-failures-are-undone"
 
 PATIENT_BUDGET = timedelta(hours=24)
 """How long an event write or a compensation keeps trying before it asks for an operator."""
@@ -124,6 +138,12 @@ class OperationWorkflow:
                     await self._compensate()
                 else:
                     await self._await_retries(operation.plan.retry_window_seconds)
+            elif (
+                self._status is OperationStatus.FAILED
+                and self._saga.stack  # only ambiguous entries: nothing succeeded
+                and workflow.patched(PATCH_AMBIGUOUS_UNDO)
+            ):
+                await self._compensate()
         except asyncio.CancelledError:
             workflow.logger.info("cancelled: compensating the steps that succeeded")
             self._cancel_requested = True
@@ -287,6 +307,7 @@ class OperationWorkflow:
                     "attempts": outcome.attempts + int(details.get("attempt") or 1),
                 }
             )
+            self._push_ambiguous(step, error)
         else:
             if result.get("skipped"):
                 outcome = outcome.model_copy(
@@ -309,6 +330,10 @@ class OperationWorkflow:
                     }
                 )
                 if step.compensation_activity and step.compensation_policy:
+                    # Replaces the ambiguous entry of an earlier failure of this step (a retry).
+                    # Replay-safe unpatched: without such an entry (every older history) there
+                    # is nothing to discard, and discarding schedules nothing.
+                    self._saga.discard(step.backend)
                     self._saga.push(
                         Compensation(
                             backend=step.backend,
@@ -324,6 +349,32 @@ class OperationWorkflow:
         elapsed = (workflow.now() - started).total_seconds() * 1000
         self._results[step.backend] = outcome.model_copy(
             update={"duration_ms": round(outcome.duration_ms + elapsed, 3)}
+        )
+
+    def _push_ambiguous(self, step: PlanStep, error: ActivityError) -> None:
+        """A step that finally failed but may have written pushes its compensation without a
+        forward result: the (fenced, idempotent) activity undoes only what this run's recorded
+        pre-image shows. A retry of the step replaces the entry rather than doubling it."""
+        if not (step.compensation_activity and step.compensation_policy):
+            return
+        if not _may_have_landed(error) or not workflow.patched(PATCH_AMBIGUOUS_UNDO):
+            return
+        operation = self._require_input()
+        self._saga.discard(step.backend)
+        self._saga.push(
+            Compensation(
+                backend=step.backend,
+                activity=step.compensation_activity,
+                argument=CompensationInput(
+                    request=operation.request,
+                    forward_result={},
+                    correlation_id=operation.correlation_id,
+                    ambiguous=True,
+                    forward_activity=step.activity,
+                ),
+                policy=step.compensation_policy,
+                ambiguous=True,
+            )
         )
 
     async def _activity(self, activity: str, argument: Any, **options: Any) -> Any:
@@ -390,17 +441,16 @@ class OperationWorkflow:
     async def _compensate(self) -> None:
         self._compensating = True
         pausing = workflow.patched(PATCH_COMPENSATION_PAUSE)
+        reading = workflow.patched(PATCH_SUPERSEDED_UNDO)
         any_compensated = False
         while True:
             compensated, failed = await self._saga.compensate(
                 self._activity, _patient_compensation if pausing else None
             )
             self._compensation_rounds += 1
-            any_compensated = any_compensated or bool(compensated)
-            for backend in compensated:
-                self._results[backend] = self._results[backend].model_copy(
-                    update={"status": StepStatus.COMPENSATED, "success": False}
-                )
+            for undone in compensated:
+                settled = self._settle(undone) if reading else self._mark_compensated(undone)
+                any_compensated = any_compensated or settled
             for entry in failed:
                 self._results[entry.backend] = self._results[entry.backend].model_copy(
                     update={"status": StepStatus.COMPENSATION_FAILED}
@@ -416,6 +466,34 @@ class OperationWorkflow:
             self._status = OperationStatus.COMPENSATED
         else:
             self._status = OperationStatus.FAILED
+
+    def _mark_compensated(self, undone: Undone) -> bool:
+        backend = undone.entry.backend
+        self._results[backend] = self._results[backend].model_copy(
+            update={"status": StepStatus.COMPENSATED, "success": False}
+        )
+        return True
+
+    def _settle(self, undone: Undone) -> bool:
+        """Record what a compensation reported; True when the step's write is settled.
+
+        ``superseded``: newer work by another run was left alone: the step is superseded, with
+        the reason, and stays so. An ambiguous undo that changed nothing: the write never
+        landed, so the step stays failed. Anything else: compensated.
+        """
+        backend = undone.entry.backend
+        if undone.action == UndoAction.SUPERSEDED:
+            self._results[backend] = self._results[backend].model_copy(
+                update={
+                    "status": StepStatus.SUPERSEDED,
+                    "success": False,
+                    "superseded_reason": undone.reason or "a newer operation changed it since",
+                }
+            )
+            return True
+        if undone.entry.ambiguous and undone.action == UndoAction.UNCHANGED:
+            return False
+        return self._mark_compensated(undone)
 
     async def _pause(self) -> bool:
         """Wait for an operator; True to resume the stuck compensations, False if abandoned.
@@ -547,6 +625,20 @@ def result_in_failure(cause: BaseException | None) -> OperationResult | None:
     if isinstance(cause, ApplicationError) and cause.type == CompensationFailedError.__name__:
         return OperationResult.model_validate(cause.details[0])
     return None
+
+
+def _may_have_landed(error: ActivityError) -> bool:
+    """Whether a step that finally failed may have written: it timed out, or its last attempt
+    failed with an error worth retrying (the write may have been applied before the reply was
+    lost). A refusal (non-retryable) never wrote."""
+    cause = error.cause
+    if isinstance(cause, ActivityTimeoutError):
+        return True
+    return (
+        isinstance(cause, ApplicationError)
+        and not cause.non_retryable
+        and error.retry_state is not RetryState.NON_RETRYABLE_FAILURE
+    )
 
 
 def _details(cause: BaseException | None) -> dict[str, Any]:

@@ -33,13 +33,19 @@ from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from activities.resilience.correlation import correlation_scope
 from activities.settings import ConsulSettings
-from contracts.errors import ConfigurationError, InfraConnectionError, Transport
+from contracts.errors import (
+    ConfigurationError,
+    InfraConnectionError,
+    InfraDataIntegrityError,
+    Transport,
+)
 from contracts.registry import (
     CompensationInput,
     DeregisterNodeRequest,
     RegisterServiceResult,
 )
 from contracts.resilience import default_policy
+from tests.activities.runs import Run, ambiguous, deregister_run, register_run
 from tests.builders import compensation, deregister_request, register_request
 from tests.fakes.consul_agent import CRITICAL, FakeConsulAgent, consul_client
 from tests.support import free_port
@@ -178,8 +184,9 @@ async def test_register_service_with_tags_meta_and_http_check(
     agent: FakeConsulAgent, handler: ConsulHandler
 ) -> None:
     """The node is registered as onex-<type>-<id> / onex-<type> with its address and port, the
-    onex tags before its own, meta with node_id, node_version, correlation_id and the health URL,
-    and an HTTP check on its health endpoint timed by the settings; nothing was there before."""
+    onex tags before its own, meta with node_id, node_version, correlation_id, the health URL and
+    the writer (outside an activity: the correlation id), and an HTTP check on its health
+    endpoint timed by the settings; nothing was there before."""
     request = register_request()
     service_id = f"onex-effect-{request.node_id}"
 
@@ -197,6 +204,7 @@ async def test_register_service_with_tags_meta_and_http_check(
         "node_version": "1.2.3",
         "correlation_id": str(request.correlation_id),
         "health_url": "http://10.0.0.7:8080/health",
+        "onex_writer": f"correlation:{request.correlation_id}",
     }
     assert registration["Check"] == {
         "HTTP": "http://10.0.0.7:8080/health",
@@ -256,7 +264,8 @@ async def test_undo_register_after_a_re_register_restores_the_previous_definitio
     agent: FakeConsulAgent, handler: ConsulHandler
 ) -> None:
     """A registration that replaced another is undone by registering the replaced definition
-    again, exactly (address, port, tags, meta and HTTP check); a second undo leaves it so."""
+    again, exactly (address, port, tags, meta and HTTP check); a second undo finds it so and
+    changes nothing."""
     node_id = uuid.uuid4()
     original = register_request(node_id)
     await handler.register_service(original)
@@ -275,7 +284,8 @@ async def test_undo_register_after_a_re_register_restores_the_previous_definitio
 
     assert undone.action == "restored"
     assert agent.services[result.service_id] == original_registration
-    assert (await handler.undo_register_service(compensation(update, result))).action == "restored"
+    again = await handler.undo_register_service(compensation(update, result))
+    assert again.action == "unchanged"
     assert agent.services[result.service_id] == original_registration
 
 
@@ -291,7 +301,8 @@ async def test_undo_register_rejects_a_foreign_forward_result(handler: ConsulHan
 
 
 def preimage_key(service_id: str, correlation_id: uuid.UUID | None, operation: str) -> str:
-    return f"onex/preimages/{service_id}/{correlation_id}/{operation}"
+    """Outside an activity the writer is the request's correlation id (activities.writer)."""
+    return f"onex/preimages/{service_id}/correlation:{correlation_id}/{operation}"
 
 
 def preimage_keys(agent: FakeConsulAgent) -> list[str]:
@@ -479,6 +490,164 @@ async def test_undo_deregister_registers_the_service_again(
 
 
 # -- health and KV -------------------------------------------------------------------------------
+
+
+# -- fenced undo: an undo never destroys newer work ------------------------------------------
+
+
+async def test_register_records_its_run_in_the_service_meta(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """In an activity, the writer is the workflow id and run id: it goes in the service Meta
+    and names the pre-image key (a run of its own, whatever the correlation id)."""
+    request = register_request()
+    run = register_run(request.node_id)
+
+    result = await run(handler.register_service, request)
+
+    assert agent.services[result.service_id]["Meta"]["onex_writer"] == run.writer
+    assert preimage_keys(agent) == [
+        f"onex/preimages/{result.service_id}/{run.writer}/register_service"
+    ]
+
+
+async def test_undo_register_leaves_a_newer_registration_alone(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Run A registered the node, run B registered it again since: A's undo neither removes
+    nor overwrites B's definition: superseded, naming B's workflow id, twice the same."""
+    node_id = uuid.uuid4()
+    first, newer = register_run(node_id), Run(f"onex-register-node-{node_id}-again")
+    request = register_request(node_id)
+    result = await first(handler.register_service, request)
+    await newer(handler.register_service, register_request(node_id, port=9999))
+    registration = dict(agent.services[result.service_id])
+
+    for _ in range(2):
+        undone = await first(handler.undo_register_service, compensation(request, result))
+
+        assert undone.action == "superseded", "the undo must not destroy a newer registration"
+        assert undone.reason is not None
+        assert newer.workflow_id in undone.reason
+        assert newer.run_id not in undone.reason
+        assert agent.services[result.service_id] == registration
+
+
+async def test_undo_register_after_a_deregister_is_superseded_and_registers_nothing(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Scenario 1 on Consul: run A re-registered a node over an older definition, run B
+    deregistered it since; A's undo does not bring the old definition back."""
+    node_id = uuid.uuid4()
+    await register_run(node_id)(handler.register_service, register_request(node_id))
+    first = register_run(node_id)
+    update = register_request(node_id, port=9999)
+    result = await first(handler.register_service, update)
+    await deregister_run(node_id)(handler.deregister_service, deregister_request(node_id))
+
+    undone = await first(handler.undo_register_service, compensation(update, result))
+
+    assert undone.action == "superseded"
+    assert undone.reason == "the service was deregistered since"
+    assert agent.services == {}, "the undo resurrected a deregistered service"
+
+
+async def test_undo_register_of_our_own_registration_acts_once(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """While the service is still this run's registration, the undo restores what it replaced
+    (or removes it); a replay finds it so and changes nothing."""
+    node_id = uuid.uuid4()
+    await register_run(node_id)(handler.register_service, register_request(node_id))
+    original = dict(agent.services[f"onex-effect-{node_id}"])
+    run = register_run(node_id)
+    update = register_request(node_id, port=9999)
+    result = await run(handler.register_service, update)
+    undo = compensation(update, result)
+
+    assert (await run(handler.undo_register_service, undo)).action == "restored"
+    assert agent.services[result.service_id] == original
+    assert (await run(handler.undo_register_service, undo)).action == "unchanged"
+    assert agent.services[result.service_id] == original
+
+
+async def test_undo_deregister_only_while_the_service_is_still_absent(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """A deregister's undo registers the removed definition again while the service is absent
+    (then a replay is unchanged); after another run registered the node, it is superseded and
+    leaves that registration as it is."""
+    node_id = uuid.uuid4()
+    await register_run(node_id)(handler.register_service, register_request(node_id))
+    original = dict(agent.services[f"onex-effect-{node_id}"])
+    run = deregister_run(node_id)
+    request = deregister_request(node_id)
+    removed = await run(handler.deregister_service, request)
+    undo = compensation(request, removed)
+
+    assert (await run(handler.undo_deregister_service, undo)).action == "restored"
+    assert agent.services[removed.service_id] == original
+    assert (await run(handler.undo_deregister_service, undo)).action == "unchanged"
+
+    again = deregister_run(node_id)
+    request = deregister_request(node_id)
+    removed = await again(handler.deregister_service, request)
+    newer = register_run(node_id)
+    await newer(handler.register_service, register_request(node_id, port=7000))
+    newer_registration = dict(agent.services[removed.service_id])
+
+    undone = await again(handler.undo_deregister_service, compensation(request, removed))
+    assert undone.action == "superseded"
+    assert undone.reason is not None
+    assert newer.workflow_id in undone.reason
+    assert agent.services[removed.service_id] == newer_registration
+
+
+async def test_ambiguous_undo_uses_the_pre_image_this_run_stored(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Scenario 5 on Consul: a register whose reply was lost (the agent applied it) is undone
+    from the run's stored pre-image (deregistered, then unchanged on a replay); a run that
+    never got to write finds no pre-image and leaves another run's service as it is; an
+    ambiguous deregister is undone the same way."""
+    request = register_request()
+    run = register_run(request.node_id)
+    await run(handler.register_service, request)  # applied; the reply was lost
+    undo = ambiguous(request, "consul.register_service")
+
+    assert (await run(handler.undo_register_service, undo)).action == "deregistered"
+    assert (await run(handler.undo_register_service, undo)).action == "unchanged"
+    assert agent.services == {}
+
+    await register_run(request.node_id)(handler.register_service, request)
+    registration = dict(agent.services[request.consul_service_id])
+    never = register_run(request.node_id)
+    assert (await never(handler.undo_register_service, undo)).action == "unchanged"
+    assert agent.services[request.consul_service_id] == registration
+
+    removal = deregister_request(request.node_id)
+    deregister = deregister_run(request.node_id)
+    await deregister(handler.deregister_service, removal)
+    undo_removal = ambiguous(removal, "consul.deregister_service")
+    assert (await deregister(handler.undo_deregister_service, undo_removal)).action == "restored"
+    assert agent.services[request.consul_service_id] == registration
+
+
+async def test_a_pre_image_rewritten_after_it_was_stored_is_not_trusted(
+    agent: FakeConsulAgent, handler: ConsulHandler
+) -> None:
+    """Pre-image keys are create-only: one whose ModifyIndex moved past its CreateIndex was
+    rewritten by someone else, and an undo from it is refused (InfraDataIntegrityError)
+    rather than restoring a definition nobody recorded."""
+    request = register_request()
+    run = register_run(request.node_id)
+    await run(handler.register_service, request)
+    key = f"onex/preimages/{request.consul_service_id}/{run.writer}/register_service"
+    await handler.kv_put(KvPutRequest(key=key, value='{"state": "absent"}'))
+
+    with pytest.raises(InfraDataIntegrityError, match="rewritten"):
+        await run(handler.undo_register_service, ambiguous(request, "consul.register_service"))
+    assert request.consul_service_id in agent.services
 
 
 async def test_service_health_counts_passing_instances_only(

@@ -63,13 +63,18 @@ def test_packaged_migrations_are_ordered_with_file_checksums() -> None:
 
 
 async def test_first_run_applies_the_registry_schema(connection: Any) -> None:
-    """An empty database gets 0001 and 0002: their tables exist and each version is recorded
+    """An empty database gets 0001 to 0004: their tables exist and each version is recorded
     with its checksum; the advisory lock is released afterwards."""
     assert await tables(connection) == set()
 
     applied = await migrate(connection)
 
-    assert applied == ["0001_registry", "0002_preimages"]
+    assert applied == [
+        "0001_registry",
+        "0002_preimages",
+        "0003_node_writer",
+        "0004_preimages_by_writer",
+    ]
     assert await tables(connection) == REGISTRY_TABLES
     rows = await connection.fetch(
         "SELECT version, name, checksum, applied_at FROM onex_schema_migrations ORDER BY version"
@@ -77,6 +82,8 @@ async def test_first_run_applies_the_registry_schema(connection: Any) -> None:
     assert [(row["version"], row["name"]) for row in rows] == [
         (1, "0001_registry"),
         (2, "0002_preimages"),
+        (3, "0003_node_writer"),
+        (4, "0004_preimages_by_writer"),
     ]
     assert [row["checksum"] for row in rows] == [m.checksum for m in load_migrations()]
     assert all(row["applied_at"] is not None for row in rows)

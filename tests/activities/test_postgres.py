@@ -34,6 +34,7 @@ from contracts.registry import (
     NodeStatus,
 )
 from contracts.resilience import default_policy
+from tests.activities.runs import ambiguous, deregister_run, register_run
 from tests.builders import compensation, deregister_request, register_request
 from tests.fakes.fault_proxy import FaultProxy
 from tests.support import free_port, wait_until
@@ -536,6 +537,181 @@ async def test_restore_refuses_a_foreign_forward_result(
     failure = await failure_through_boundary("restore_node", postgres_handler.restore_node, bad)
     assert failure.type == "ConfigurationError"
     assert failure.non_retryable
+
+
+# -- fenced undo: an undo never destroys newer work --------------------------------------------
+
+
+async def node_now(handler: PostgresHandler, node_id: uuid.UUID) -> NodeRecord | None:
+    return (await handler.get_node(GetNodeRequest(node_id=node_id))).node
+
+
+async def test_writes_record_the_run_that_made_them(postgres_handler: PostgresHandler) -> None:
+    """upsert_node and deactivate_node stamp the row with their run (workflow id / run id)."""
+    node_id = uuid.uuid4()
+    register, deregister = register_run(node_id), deregister_run(node_id)
+
+    upserted = await register(postgres_handler.upsert_node, register_request(node_id))
+    assert upserted.node.written_by == register.writer
+    await deregister(postgres_handler.deactivate_node, deregister_request(node_id))
+
+    now = await node_now(postgres_handler, node_id)
+    assert now is not None
+    assert now.written_by == deregister.writer, "deactivate_node must stamp its writer"
+
+
+async def test_undo_of_a_register_after_a_newer_deregister_is_superseded(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """Scenario 1 at activity level: a register (run A) created the node, a deregister (run B)
+    deactivated it since; A's undo changes nothing, reports superseded with B's workflow id
+    (not its run id, nothing of the request), and the node stays deregistered — twice."""
+    node_id = uuid.uuid4()
+    register, deregister = register_run(node_id), deregister_run(node_id)
+    request = register_request(node_id)
+    upserted = await register(postgres_handler.upsert_node, request)
+    await deregister(postgres_handler.deactivate_node, deregister_request(node_id))
+    deregistered = await node_now(postgres_handler, node_id)
+
+    for _ in range(2):  # a replayed compensation answers the same
+        undone = await register(postgres_handler.restore_node, compensation(request, upserted))
+
+        assert undone.action == "superseded", "the undo must not resurrect a deregistered node"
+        assert undone.reason is not None
+        assert deregister.workflow_id in undone.reason
+        assert deregister.run_id not in undone.reason
+        assert "billing" not in undone.reason, "a reason never quotes request content"
+        assert await node_now(postgres_handler, node_id) == deregistered
+
+
+async def test_undo_of_a_deregister_after_a_newer_register_is_superseded(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """A deregister's undo (reactivate) after another run registered the node again leaves
+    that newer registration as it is: superseded."""
+    node_id = uuid.uuid4()
+    await register_run(node_id)(postgres_handler.upsert_node, register_request(node_id))
+    deregister = deregister_run(node_id)
+    request = deregister_request(node_id)
+    deactivated = await deregister(postgres_handler.deactivate_node, request)
+    newer = register_run(node_id)
+    await newer(postgres_handler.upsert_node, register_request(node_id, port=9999))
+    before = await node_now(postgres_handler, node_id)
+
+    undone = await deregister(postgres_handler.restore_node, compensation(request, deactivated))
+
+    assert undone.action == "superseded"
+    assert undone.reason is not None
+    assert newer.workflow_id in undone.reason
+    assert await node_now(postgres_handler, node_id) == before
+
+
+async def test_undo_of_our_own_write_restores_or_deletes_and_is_idempotent(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """While the row is still this run's write, the undo acts: an update is restored (with the
+    earlier writer), a creation deleted, a deactivation reactivated; a replay is unchanged."""
+    node_id = uuid.uuid4()
+    first = register_run(node_id)
+    original = (await first(postgres_handler.upsert_node, register_request(node_id))).node
+    second = register_run(node_id)
+    update = register_request(node_id, port=7000)
+    updated = await second(postgres_handler.upsert_node, update)
+
+    assert (await second(postgres_handler.restore_node, compensation(update, updated))).action == (
+        "restored"
+    )
+    restored = await node_now(postgres_handler, node_id)
+    assert restored is not None
+    assert restored.written_by == first.writer, "a restore puts the earlier writer back too"
+    assert without_row_version(restored) == without_row_version(original)
+    again = await second(postgres_handler.restore_node, compensation(update, updated))
+    assert again.action == "unchanged"
+
+    deregister = deregister_run(node_id)
+    request = deregister_request(node_id)
+    deactivated = await deregister(postgres_handler.deactivate_node, request)
+    undo = compensation(request, deactivated)
+    assert (await deregister(postgres_handler.restore_node, undo)).action == "restored"
+    assert (await deregister(postgres_handler.restore_node, undo)).action == "unchanged"
+
+    created = register_request()
+    creator = register_run(created.node_id)
+    result = await creator(postgres_handler.upsert_node, created)
+    assert (await creator(postgres_handler.restore_node, compensation(created, result))).action == (
+        "deleted"
+    )
+    assert (await creator(postgres_handler.restore_node, compensation(created, result))).action == (
+        "unchanged"
+    )
+    assert await node_now(postgres_handler, created.node_id) is None
+
+
+async def test_reused_correlation_id_in_a_new_run_uses_that_run_s_pre_image(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """Scenario 2: two runs share a correlation id (--correlation-id reused, or a reset). The
+    second run's pre-image is its own (the first run's row), so its undo restores that row
+    instead of deleting a node that existed before the request."""
+    node_id = uuid.uuid4()
+    correlation_id = uuid.uuid4()
+    first, second = register_run(node_id), register_run(node_id)
+    created = await first(
+        postgres_handler.upsert_node, register_request(node_id, correlation_id=correlation_id)
+    )
+    again = register_request(node_id, correlation_id=correlation_id, port=7000)
+
+    updated = await second(postgres_handler.upsert_node, again)
+
+    assert updated.previous == created.node, "the second run must see the row as it is then"
+    undone = await second(postgres_handler.restore_node, compensation(again, updated))
+    assert undone.action == "restored"
+    now = await node_now(postgres_handler, node_id)
+    assert now is not None, "the undo deleted a node that existed before its request"
+    assert without_row_version(now) == without_row_version(created.node)
+
+
+async def test_ambiguous_undo_uses_the_pre_image_this_run_recorded(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """Scenario 5 at activity level: an upsert whose reply was lost (committed) is undone from
+    the run's recorded pre-image; one that never committed finds none and changes nothing,
+    even with another run's row there; a replay changes nothing; the same for a deactivation."""
+    request = register_request()
+    run = register_run(request.node_id)
+    await run(postgres_handler.upsert_node, request)  # committed; the reply was lost
+    undo = ambiguous(request, "postgres.upsert_node")
+
+    assert (await run(postgres_handler.restore_node, undo)).action == "deleted"
+    assert (await run(postgres_handler.restore_node, undo)).action == "unchanged"
+    assert await node_now(postgres_handler, request.node_id) is None
+
+    other = register_request()
+    await register_run(other.node_id)(postgres_handler.upsert_node, other)
+    before = await node_now(postgres_handler, other.node_id)
+    never = register_run(other.node_id)  # its upsert never reached the database
+    unchanged = await never(postgres_handler.restore_node, ambiguous(other, "postgres.upsert_node"))
+    assert unchanged.action == "unchanged"
+    assert await node_now(postgres_handler, other.node_id) == before
+
+    deregister = deregister_run(other.node_id)
+    removal = deregister_request(other.node_id)
+    await deregister(postgres_handler.deactivate_node, removal)
+    undo_removal = ambiguous(removal, "postgres.deactivate_node")
+    assert (await deregister(postgres_handler.restore_node, undo_removal)).action == "restored"
+    restored = await node_now(postgres_handler, other.node_id)
+    assert without_row_version(restored) == without_row_version(before)
+
+
+async def test_ambiguous_undo_without_the_forward_activity_is_refused(
+    postgres_handler: PostgresHandler,
+) -> None:
+    """An ambiguous restore_node must say which step it undoes: otherwise a ConfigurationError
+    (non-retryable), never a guess."""
+    request = register_request()
+    undo = ambiguous(request, "postgres.unknown")
+    with pytest.raises(ConfigurationError, match="forward activity"):
+        await register_run(request.node_id)(postgres_handler.restore_node, undo)
 
 
 # -- deactivate_node and get_node -------------------------------------------------------------

@@ -8,7 +8,9 @@ encoding and status-code mapping are all exercised. It serves on the caller's ev
 Served (anything else is a 404, as on a real agent)::
 
     PUT    /v1/agent/service/register            ID/Name/Tags/Address/Port/Meta/Check(s), any key
-                                                 case (python-consul2 sends lower-case keys)
+                                                 case (python-consul2 sends lower-case keys);
+                                                 Meta checked as Consul does (400 "Invalid
+                                                 Service Meta: ..."), served back as given
     PUT    /v1/agent/service/deregister/<id>     404 "Unknown service ID ..." when unknown
     GET    /v1/agent/services                    {id: service}
     GET    /v1/agent/self                        {"Config": ..., "Member": ...}
@@ -233,6 +235,8 @@ class FakeConsulAgent(FaultInjectingHTTPServer):
         registration.setdefault("ID", registration["Name"])
         if "Port" in registration and not isinstance(registration["Port"], int):
             return _text(400, "Request decode failed: Port must be an integer")
+        if (problem := _meta_problem(registration.get("Meta") or {})) is not None:
+            return _text(400, f"Invalid Service Meta: {problem}")
         checks = []
         for raw in [registration.get("Check"), *(registration.get("Checks") or [])]:
             if not raw:
@@ -527,6 +531,32 @@ def _check_problem(check: Mapping[str, Any]) -> str | None:
     status = check.get("Status")
     if status is not None and status not in CHECK_STATUSES:
         return f"Status must be one of {', '.join(sorted(CHECK_STATUSES))}"
+    return None
+
+
+# Consul's limits on service meta (agent/structs: ValidateServiceMetadata).
+_META_KEY = re.compile(r"^[a-zA-Z0-9_-]+$")
+_META_MAX_PAIRS, _META_KEY_MAX, _META_VALUE_MAX = 64, 128, 512
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """Why Consul would refuse this service meta, or None."""
+    if not isinstance(meta, dict):
+        return "Meta must be a JSON object of strings"
+    if len(meta) > _META_MAX_PAIRS:
+        return f"Node metadata cannot contain more than {_META_MAX_PAIRS} key/value pairs"
+    for key, value in meta.items():
+        pair = f"Couldn't load metadata pair ('{key}', '{value}')"
+        if not isinstance(value, str):
+            return f"{pair}: Value must be a string"
+        if not _META_KEY.match(key):
+            return f"{pair}: Key contains invalid characters"
+        if len(key) > _META_KEY_MAX:
+            return f"{pair}: Key is too long (limit: {_META_KEY_MAX} characters)"
+        if key.startswith("consul-"):
+            return f"{pair}: Key prefix 'consul-' is reserved for internal use"
+        if len(value) > _META_VALUE_MAX:
+            return f"{pair}: Value is too long (limit: {_META_VALUE_MAX} characters)"
     return None
 
 

@@ -148,6 +148,37 @@ async def test_kv_check_and_set(agent: FakeConsulAgent, client: consul.aio.Consu
     assert agent.kv["lock"] == b"three"
 
 
+async def test_kv_indexes_tell_a_created_key_from_a_rewritten_one(
+    agent: FakeConsulAgent, client: consul.aio.Consul
+) -> None:
+    """As on Consul, a key created once reads back with ModifyIndex == CreateIndex; a rewrite
+    moves ModifyIndex on and keeps CreateIndex (what the pre-image reader relies on)."""
+    assert await client.kv.put("onex/preimages/x", "one", cas=0) is True
+    _, created = await client.kv.get("onex/preimages/x")
+    assert created["ModifyIndex"] == created["CreateIndex"]
+
+    assert await client.kv.put("onex/preimages/x", "two") is True
+    _, rewritten = await client.kv.get("onex/preimages/x")
+    assert rewritten["CreateIndex"] == created["CreateIndex"]
+    assert rewritten["ModifyIndex"] > created["ModifyIndex"]
+
+
+async def test_service_meta_is_checked_as_consul_does(
+    agent: FakeConsulAgent, client: consul.aio.Consul
+) -> None:
+    """Meta keys of letters, digits, '_' and '-' with values up to 512 characters are kept and
+    served back as given; an invalid key, the reserved 'consul-' prefix or a longer value is
+    Consul's 400 "Invalid Service Meta" (python-consul2 raises BadRequest)."""
+    meta = {"onex_writer": "onex-register-node-1/5f0c-run", "node-id": "n" * 512}
+    assert await client.agent.service.register("onex-node", service_id="ok", meta=meta)
+    assert (await client.agent.services())["ok"]["Meta"] == meta
+
+    for bad in ({"has space": "x"}, {"consul-version": "x"}, {"k": "v" * 513}):
+        with pytest.raises(consul_errors.BadRequest, match="Invalid Service Meta"):
+            await client.agent.service.register("onex-node", service_id="bad", meta=bad)
+    assert "bad" not in agent.services
+
+
 async def test_catalog_datacenters_and_dc_parameter(
     agent: FakeConsulAgent, client: consul.aio.Consul
 ) -> None:

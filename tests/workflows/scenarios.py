@@ -38,7 +38,7 @@ from contracts.registry import (
     RegisterNodeRequest,
     SkippedResult,
 )
-from contracts.resilience import RetrySettings
+from contracts.resilience import ResiliencePolicy, RetrySettings, default_policy
 from workers.cli import app
 from workers.client import Operations
 from workers.contract_files import read_handlers, read_operations
@@ -106,12 +106,10 @@ class Backends:
         breakers = BreakerRegistry()
 
         def boundary(transport: Transport) -> ActivityBoundary:
-            from contracts.resilience import default_policy
-
             return ActivityBoundary(
                 transport=transport,
                 target=f"{transport.value}-scripted",
-                policy=default_policy(transport),
+                policy=scripted_policy(transport),
                 breakers=breakers,
                 uniform=lambda: 0.5,
             )
@@ -128,7 +126,7 @@ class Backends:
 
         async def undo_register_service(compensation: CompensationInput) -> dict[str, Any]:
             return await self._call(  # type: ignore[no-any-return]
-                "consul.undo_register_service", compensation, {"action": "deregistered"}
+                "consul.undo_register_service", compensation, undone(compensation, "deregistered")
             )
 
         async def upsert_node(request: RegisterNodeRequest) -> dict[str, Any]:
@@ -143,7 +141,7 @@ class Backends:
 
         async def restore_node(compensation: CompensationInput) -> dict[str, Any]:
             return await self._call(  # type: ignore[no-any-return]
-                "postgres.restore_node", compensation, {"action": "deleted"}
+                "postgres.restore_node", compensation, undone(compensation, "deleted")
             )
 
         async def deregister_service(request: DeregisterNodeRequest) -> dict[str, Any]:
@@ -183,6 +181,24 @@ class Backends:
             "postgres.deactivate_node": postgres.wrap("deactivate_node", deactivate_node),
         }
         return [activity.defn(name=name)(fn) for name, fn in definitions.items()]
+
+
+def scripted_policy(transport: Transport) -> ResiliencePolicy:
+    """The transport's policy with a breaker that never opens in a workflow test.
+
+    A breaker's clock is the process's, which does not skip with the time-skipping server's:
+    an open breaker would hold a retry or a compensation for real seconds while the server
+    skips a 15-minute window or a compensation's budget in a moment. Breakers are tested on
+    their own (tests/activities/test_breaker.py)."""
+    policy = default_policy(transport)
+    breaker = policy.circuit_breaker.model_copy(update={"failure_threshold": 1000})
+    return policy.model_copy(update={"circuit_breaker": breaker})
+
+
+def undone(compensation: CompensationInput, action: str) -> dict[str, Any]:
+    """A scripted compensation's default answer: ``action``; for an ambiguous one (its step
+    failed), ``unchanged``, since a scripted step that raised wrote nothing."""
+    return {"action": "unchanged" if compensation.ambiguous else action}
 
 
 def refused(attempt: int) -> None:

@@ -10,6 +10,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from rich.console import Console
 from temporalio.client import (
     Client,
     WorkflowFailureError,
@@ -24,7 +25,9 @@ from contracts.operations_io import OperationResult, OperationStatus, StepStatus
 from contracts.registry import DeregisterNodeRequest
 from tests.support import wait_until
 from tests.workflows import scenarios
+from tests.workflows.real_backends import real_backends
 from tests.workflows.scenarios import Backends, plan, record, refused, skipped, start, worker
+from workers.cli.operations import result_table
 from workers.client import result_of
 from workflows.operation import OperationWorkflow
 
@@ -102,7 +105,9 @@ async def test_partial_window_expiry_compensates_the_succeeded_steps(
     time_skipping_env: WorkflowEnvironment, task_queue: str
 ) -> None:
     """Nobody retries within the 15-minute window: PostgreSQL's upsert is undone with the
-    request and its own result, and the operation ends compensated."""
+    request and its own result, and the operation ends compensated. Consul's failure (retryable:
+    it may have reached the agent) gets an ambiguous undo, which finds nothing written, so
+    that step stays failed."""
     backends = Backends()
     backends.script("consul.register_service", refused)
     client = time_skipping_env.client
@@ -115,7 +120,8 @@ async def test_partial_window_expiry_compensates_the_succeeded_steps(
     (compensation,) = backends.calls["postgres.restore_node"]
     assert compensation.forward_result["previous"] is None
     assert compensation.request["node_id"] == str(scenarios.NODE_ID)
-    assert backends.calls["consul.undo_register_service"] == []
+    (ambiguous,) = backends.calls["consul.undo_register_service"]
+    assert (ambiguous.ambiguous, ambiguous.forward_result) == (True, {})
     assert [e.event_type for e in backends.events][-2:] == [
         "onex.registry.node.registration_failed.v1",
         "onex.registry.workflow.failed.v1",
@@ -510,8 +516,7 @@ async def test_an_event_write_that_outlasts_its_attempts_is_not_dropped(
 ) -> None:
     """A database restart as the operation ends fails the registered event's write three times
     (all of the event policy's attempts): the write is bounded by time, so the event is queued
-    once the database is back, and nothing is listed as undelivered. (Three, not more: the
-    scripted breaker opens at five, and its clock does not skip with the test server's.)"""
+    once the database is back, and nothing is listed as undelivered."""
     backends = Backends()
     backends.script("postgres.enqueue_event", lambda n: refused(n) if 2 <= n <= 4 else None)
     client = time_skipping_env.client
@@ -525,3 +530,138 @@ async def test_an_event_write_that_outlasts_its_attempts_is_not_dropped(
         "onex.registry.node.registered.v1",
         "onex.registry.workflow.completed.v1",
     ]
+
+
+# -- an undo never destroys newer work (real PostgreSQL, the Consul fake) ------------------------
+
+
+def consul_down(attempt: int) -> None:
+    raise ConnectionRefusedError(111, "connection refused")
+
+
+def reply_lost(attempt: int) -> None:
+    """The agent applied the write; the reply never came back (a timeout, retryable)."""
+    raise TimeoutError("the reply was lost after the write")
+
+
+async def test_register_undo_after_a_newer_deregister_is_superseded(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, pg_dsn: str
+) -> None:
+    """Scenario 1: register(N) goes partial (Consul down); a deregister of N succeeds in
+    between; when the register's retry window expires its undo finds the node written by the
+    deregister: the node stays deregistered and the register's PostgreSQL step ends superseded,
+    with the deregister's workflow id as the reason (result, memo and CLI table). Consul's
+    failed step gets an ambiguous undo that finds nothing written: it stays failed."""
+    client = time_skipping_env.client
+    node = scenarios.request()
+    async with real_backends(pg_dsn) as real:
+        real.fail("consul.register_service", consul_down)
+        async with real.worker(client, task_queue):
+            register = await start(client, task_queue, plan())
+
+            async def partial() -> bool:
+                status = await register.query(OperationWorkflow.status)
+                return status.status is OperationStatus.PARTIAL
+
+            await wait_until(partial, within=30, what="the register to become partial")
+            real.heal("consul.register_service")
+            # The register's 15-minute window must not pass while the deregister runs.
+            with time_skipping_env.auto_time_skipping_disabled():
+                deregister = await start(
+                    client,
+                    task_queue,
+                    plan("deregister_node"),
+                    DeregisterNodeRequest(
+                        node_id=node.node_id, node_type="effect", correlation_id=node.correlation_id
+                    ),
+                )
+                assert (await deregister.result()).status is OperationStatus.SUCCESS
+            result = await register.result()
+            memo = await (await register.describe()).memo()
+        row = await real.node(node.node_id)
+        await record(register, "register_superseded_undo")
+
+    assert row is not None, "the undo deleted the node the deregister left inactive"
+    assert row["status"] == "inactive", "the register's undo resurrected a deregistered node"
+    assert statuses(result) == {"consul": StepStatus.FAILED, "postgres": StepStatus.SUPERSEDED}
+    postgres = next(b for b in result.backends if b.backend == "postgres")
+    assert postgres.superseded_reason == f"the node was written since by {deregister.id}"
+    assert memo["backends"] == {"consul": "failed", "postgres": "superseded"}
+    assert result.status is OperationStatus.COMPENSATED
+    console = Console(width=300, record=True)
+    console.print(result_table(result))
+    assert f"undo superseded: the node was written since by {deregister.id}" in (
+        console.export_text()
+    ), "the CLI table must show why the undo changed nothing"
+    (undo_consul,) = real.calls["consul.undo_register_service"]
+    assert undo_consul.ambiguous
+
+
+async def test_a_reused_correlation_id_undoes_with_its_own_run_s_pre_image(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, pg_dsn: str
+) -> None:
+    """Scenario 2: two runs with the same correlation id. The first registers N (new); the
+    second updates it and goes partial, and its window expires: its undo restores the first
+    run's row (its own pre-image), never deleting a node that existed before its request."""
+    client = time_skipping_env.client
+    node = scenarios.request()
+    async with real_backends(pg_dsn) as real:
+        async with real.worker(client, task_queue):
+            first = await start(client, task_queue, plan(), node)
+            assert (await first.result()).status is OperationStatus.SUCCESS
+            before = await real.node(node.node_id)
+            real.fail("consul.register_service", consul_down)
+            second = await start(client, task_queue, plan(), node.model_copy(update={"port": 7000}))
+            result = await second.result()
+        after = await real.node(node.node_id)
+
+    assert after is not None, "the second run's undo used the first run's pre-image (no row)"
+    assert (after["port"], after["written_by"]) == (8080, before["written_by"])
+    assert statuses(result)["postgres"] is StepStatus.COMPENSATED
+    assert real.agent.services  # the first run's registration is still there
+
+
+async def test_an_ambiguous_failure_is_undone_and_a_refused_one_is_not(
+    time_skipping_env: WorkflowEnvironment, task_queue: str, pg_dsn: str
+) -> None:
+    """Scenario 5: every attempt of Consul's register is applied by the agent and then loses
+    its reply (retryable): the step fails, yet its ambiguous undo removes the service, so none
+    is orphaned. A register the agent refuses (non-retryable) pushes no undo at all."""
+    client = time_skipping_env.client
+    node = scenarios.request()
+    async with real_backends(pg_dsn) as real:
+        real.fail("consul.register_service", reply_lost, after_the_write=True)
+        real.fail("postgres.upsert_node", reply_lost, after_the_write=True)
+        async with real.worker(client, task_queue):
+            handle = await start(client, task_queue, plan())
+            result = await handle.result()
+            await record(handle, "register_ambiguous_failure_undone")
+            assert real.agent.services == {}, "an ambiguous failure left an orphaned service"
+            assert await real.node(node.node_id) is None, "and an orphaned row"
+            assert result.status is OperationStatus.COMPENSATED
+            assert statuses(result) == {
+                "consul": StepStatus.COMPENSATED,
+                "postgres": StepStatus.COMPENSATED,
+            }
+            consul = next(b for b in result.backends if b.backend == "consul")
+            assert consul.error_type == "InfraTimeoutError", "the failure stays reported"
+
+            real.fail("consul.register_service", scenarios.denied)
+            real.heal("postgres.upsert_node")
+            refused_run = await start(client, task_queue, plan())
+            await wait_until(
+                lambda: _status_is(refused_run, OperationStatus.PARTIAL),
+                within=30,
+                what="the refused register to become partial",
+            )
+            refused = await refused_run.query(OperationWorkflow.status)
+            # An open workflow would hold the shared time-skipping server's clock for later tests.
+            await refused_run.terminate("the test has seen what it needed")
+    assert len(real.calls["consul.undo_register_service"]) == 1, (
+        "a refused step (non-retryable) must push no undo"
+    )
+    assert statuses(refused)["consul"] is StepStatus.FAILED
+
+
+async def _status_is(handle: WorkflowHandle[Any, OperationResult], wanted: OperationStatus) -> bool:
+    return (await handle.query(OperationWorkflow.status)).status is wanted

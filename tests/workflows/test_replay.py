@@ -14,6 +14,7 @@ EXPECTED = {
     "node_deregister_supersedes_partial_register.json",
     "node_queued_operation.json",
     "register_all_or_nothing_compensated.json",
+    "register_ambiguous_failure_undone.json",
     "register_cancelled_compensated.json",
     "register_cancelled_during_retry.json",
     "register_compensation_failed.json",
@@ -23,6 +24,7 @@ EXPECTED = {
     "register_partial_retry_success.json",
     "register_partial_window_expired_compensated.json",
     "register_success.json",
+    "register_superseded_undo.json",
 }
 
 

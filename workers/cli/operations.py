@@ -66,6 +66,10 @@ def result_table(result: OperationResult) -> Table:
         detail = backend.error or backend.skip_reason or ""
         if backend.error_type:
             detail = f"{backend.error_type}: {detail}"
+        if backend.superseded_reason:  # the undo left newer work alone: say whose
+            detail = "; ".join(
+                filter(None, (detail, f"undo superseded: {backend.superseded_reason}"))
+            )
         table.add_row(
             backend.backend,
             backend.status.value,
