@@ -19,11 +19,16 @@ from contracts.operations_io import OperationInput
 NODE_WORKFLOW_ID = "onex-node-{node_id}"
 """The per-node workflow's id: ``onex status onex-node-<node_id>`` shows its queue."""
 
-MAX_QUEUED = 8
-"""Operations a node may have waiting behind the running one; more are refused.
+MAX_QUEUED = 6
+"""Operations a node may have waiting behind the running one; more are refused."""
+
+MAX_CALLERS = 8
+"""Callers a node workflow keeps waiting at once (new, queued and attached requests alike).
 
 Each waiting caller holds an in-flight Update, and Temporal caps those per workflow (10 by
-default): the running one, the queue and an attach or two fit under that cap.
+default, ``limit.workflowExecution.maxInFlightUpdates``); the margin is for Updates the server
+has admitted but the workflow has not seen yet. Beyond the cap the server itself refuses, which
+the client reports as :class:`~workers.client.NodeBusy`.
 """
 
 

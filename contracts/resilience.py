@@ -10,6 +10,11 @@ Temporal's ``RetryPolicy`` has no jitter, so activities compute each retry's del
 with :meth:`RetrySettings.delay` and send it as ``next_retry_delay``; the policy carries the same
 numbers as the fallback Temporal uses when an activity cannot say (a timeout, a crashed worker).
 
+Forward steps are bounded by time, not by attempts (``max_attempts`` 0: unlimited within
+``timeouts.schedule_to_close``): a worker that crashes or restarts costs an attempt, and that
+must not count against the backend. Activities heartbeat (``timeouts.heartbeat``), so a lost
+attempt is noticed within seconds rather than after its whole start-to-close.
+
 This module is pure and deterministic: workflows import it.
 """
 
@@ -26,6 +31,14 @@ from contracts.errors import NON_RETRYABLE_ERROR_TYPES, Transport
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
+RESULT_ATTEMPT_KEY = "_onex_attempt"
+"""Where the activity boundary adds Temporal's attempt number to a result that is an object.
+
+A workflow cannot see on which attempt an activity succeeded, so the boundary says so in the
+result; the workflow takes the key out before it keeps or passes on the result (result models
+forbid extra keys). Results recorded before the key existed lack it: one attempt is assumed.
+"""
+
 
 class _Policy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -34,7 +47,8 @@ class _Policy(BaseModel):
 class RetrySettings(_Policy):
     """Capped exponential backoff with symmetric jitter."""
 
-    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    max_attempts: Annotated[int, Field(ge=0, le=10)] = 3
+    """Attempts in all; 0 means unlimited, bounded by ``timeouts.schedule_to_close``."""
     initial_interval: Annotated[float, Field(ge=0.01, le=60)] = 1.0
     max_interval: Annotated[float, Field(ge=0.1, le=300)] = 60.0
     backoff_coefficient: Annotated[float, Field(ge=1.0, le=4.0)] = 2.0
@@ -59,6 +73,28 @@ class RetrySettings(_Policy):
         the cap, where the herd is largest.
         """
         return self.base_delay(attempt) * (1.0 + self.jitter * (2.0 * unit - 1.0))
+
+    def following(self, policy: RetryPolicy | None) -> RetrySettings:
+        """These settings (their jitter) with the intervals of ``policy``, when there is one.
+
+        ``policy`` is the retry policy Temporal runs an activity with: a compensation or an
+        event write is scheduled with a patient one (see ``workflows.operation``), and its
+        backoff must follow that policy, not the forward step's shorter cap. No validation:
+        the policy is what Temporal will do, whatever its figures.
+        """
+        if policy is None:
+            return self
+        initial = policy.initial_interval.total_seconds()
+        # Temporal's own default cap is 100 times the initial interval.
+        maximum = (policy.maximum_interval or policy.initial_interval * 100).total_seconds()
+        return self.model_copy(
+            update={
+                "max_attempts": policy.maximum_attempts,
+                "initial_interval": initial,
+                "max_interval": max(maximum, initial),
+                "backoff_coefficient": policy.backoff_coefficient,
+            }
+        )
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -97,10 +133,21 @@ class BreakerSettings(_Policy):
 
 
 class TimeoutSettings(_Policy):
-    """Activity timeouts: each attempt, and all attempts together (None: no overall limit)."""
+    """Activity timeouts: each attempt, all attempts together (None: no overall limit), and the
+    longest silence between two heartbeats before Temporal declares the attempt lost (None: no
+    heartbeat; the boundary heartbeats three times per ``heartbeat`` while a call runs)."""
 
     start_to_close: PositiveSeconds = 60.0
     schedule_to_close: PositiveSeconds | None = None
+    heartbeat: PositiveSeconds | None = 10.0
+
+    @model_validator(mode="after")
+    def _heartbeat_within_attempt(self) -> TimeoutSettings:
+        if self.heartbeat is not None and self.heartbeat >= self.start_to_close:
+            raise ValueError(
+                "heartbeat must be shorter than start_to_close, or it never detects anything"
+            )
+        return self
 
 
 class ResiliencePolicy(_Policy):
@@ -108,16 +155,26 @@ class ResiliencePolicy(_Policy):
     circuit_breaker: BreakerSettings = BreakerSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
 
+    @model_validator(mode="after")
+    def _bounded(self) -> ResiliencePolicy:
+        if self.retry.max_attempts == 0 and self.timeouts.schedule_to_close is None:
+            raise ValueError(
+                "retry.max_attempts 0 (unlimited) needs a time budget: set "
+                "timeouts.schedule_to_close, or give max_attempts a number"
+            )
+        return self
+
     def activity_options(self) -> dict[str, Any]:
         """Keyword arguments for ``workflow.execute_activity`` (retry policy and timeouts)."""
+        timeouts = self.timeouts
         options: dict[str, Any] = {
             "retry_policy": self.retry.retry_policy(),
-            "start_to_close_timeout": timedelta(seconds=self.timeouts.start_to_close),
+            "start_to_close_timeout": timedelta(seconds=timeouts.start_to_close),
         }
-        if self.timeouts.schedule_to_close is not None:
-            options["schedule_to_close_timeout"] = timedelta(
-                seconds=self.timeouts.schedule_to_close
-            )
+        if timeouts.schedule_to_close is not None:
+            options["schedule_to_close_timeout"] = timedelta(seconds=timeouts.schedule_to_close)
+        if timeouts.heartbeat is not None:
+            options["heartbeat_timeout"] = timedelta(seconds=timeouts.heartbeat)
         return options
 
 
@@ -144,17 +201,32 @@ def _policy(
 
 
 # Start-to-close covers the backend's own per-call timeouts (DB connect 10 s + query 30 s,
-# Kafka request 30 s, Consul 30 s, HTTP connect 10 s + read 30 s) with a margin; Kafka's
-# delivery timeout (120 s) bounds all attempts together.
-DEFAULT_POLICY = _policy((3, 1.0, 60.0, 2.0), (5, 60.0), start_to_close=60.0)
+# Kafka request 30 s, Consul 30 s, HTTP connect 10 s + read 30 s) with a margin.
+#
+# Attempts are unlimited (0) within schedule-to-close, the step's budget in time. Each budget
+# is at least what the former attempt counts could take at worst (SPEC §4.2's attempts, each
+# running to start-to-close, plus their backoff), and at least one breaker open window plus one
+# whole attempt, so that a step outlives one opening of its breaker. Kafka's is its delivery
+# timeout (120 s). See docs/decisions.md.
+DEFAULT_POLICY = _policy(
+    (0, 1.0, 60.0, 2.0), (5, 60.0), start_to_close=60.0, schedule_to_close=240.0
+)
 TRANSPORT_DEFAULTS: dict[Transport, ResiliencePolicy] = {
-    Transport.DATABASE: _policy((3, 0.5, 30.0, 2.0), (5, 30.0), start_to_close=45.0),
-    Transport.KAFKA: _policy(
-        (5, 1.0, 60.0, 2.0), (3, 20.0), start_to_close=35.0, schedule_to_close=120.0
+    Transport.DATABASE: _policy(
+        (0, 0.5, 30.0, 2.0), (5, 30.0), start_to_close=45.0, schedule_to_close=150.0
     ),
-    Transport.CONSUL: _policy((3, 1.0, 30.0, 2.0), (3, 30.0), start_to_close=35.0),
-    Transport.VAULT: _policy((3, 0.1, 10.0, 2.0), (3, 60.0), start_to_close=15.0),
-    Transport.HTTP: _policy((3, 0.5, 30.0, 2.0), (5, 60.0), start_to_close=45.0),
+    Transport.KAFKA: _policy(
+        (0, 1.0, 60.0, 2.0), (3, 20.0), start_to_close=35.0, schedule_to_close=120.0
+    ),
+    Transport.CONSUL: _policy(
+        (0, 1.0, 30.0, 2.0), (3, 30.0), start_to_close=35.0, schedule_to_close=120.0
+    ),
+    Transport.VAULT: _policy(
+        (0, 0.1, 10.0, 2.0), (3, 60.0), start_to_close=15.0, schedule_to_close=90.0
+    ),
+    Transport.HTTP: _policy(
+        (0, 0.5, 30.0, 2.0), (5, 60.0), start_to_close=45.0, schedule_to_close=150.0
+    ),
 }
 
 

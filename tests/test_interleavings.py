@@ -35,6 +35,7 @@ from tests.fakes.fault_proxy import FaultProxy
 from tests.stack import Stack, fast_operations, serving_stack
 from tests.support import wait_until
 from workers.client import (
+    NodeBusy,
     OperationFinished,
     OperationHandle,
     OperationNotFound,
@@ -128,7 +129,7 @@ class Run:
                 settings=self.stack.settings,
                 operations=self.operations,
             )
-        except WorkflowUpdateFailedError:  # the node's queue is full: refused, nothing runs
+        except (WorkflowUpdateFailedError, NodeBusy):  # the node is full: refused, nothing ran
             self.actions["refused"] += 1
             return
         self.handles.append(handle)

@@ -23,9 +23,10 @@ operations does not load asyncpg, aiokafka, consul or hvac. The worker checks th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -198,13 +199,14 @@ async def start_operation(
             memo=_memo(submission),
         )
         return OperationHandle(submission.workflow_id, None, lambda: _workflow_result(workflow))
-    update = await client.start_update_with_start_workflow(
-        NodeWorkflow.submit,
-        submission,
-        start_workflow_operation=_node_start(node_id, settings),
-        wait_for_stage=WorkflowUpdateStage.ACCEPTED,
-        id=request_id,
-    )
+    async with _node_busy(node_id):
+        update = await client.start_update_with_start_workflow(
+            NodeWorkflow.submit,
+            submission,
+            start_workflow_operation=_node_start(node_id, settings),
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
+            id=request_id,
+        )
     # A refusal (the validator's: the node's queue is full) comes back as an outcome already
     # known at acceptance; result() then raises it at once, without a call. The SDK has no
     # public "known outcome" accessor, hence the private attribute.
@@ -242,12 +244,33 @@ async def run_operation(
                 client, operation, request, settings=settings, operations=operations
             )
         )
-    return await client.execute_update_with_start_workflow(
-        NodeWorkflow.submit,
-        submission,
-        start_workflow_operation=_node_start(node_id, settings),
-        id=request_id,
-    )
+    async with _node_busy(node_id):
+        return await client.execute_update_with_start_workflow(
+            NodeWorkflow.submit,
+            submission,
+            start_workflow_operation=_node_start(node_id, settings),
+            id=request_id,
+        )
+
+
+class NodeBusy(OperationError, RuntimeError):
+    """Temporal refused the request: the node's workflow has too many callers waiting."""
+
+
+@contextlib.asynccontextmanager
+async def _node_busy(node_id: str) -> AsyncIterator[None]:
+    """Temporal's own cap on in-flight Updates, as a clear error (nothing was started)."""
+    try:
+        yield
+    except RPCError as error:
+        # The multi-operation's own error says only "could not be executed"; its status is
+        # RESOURCE_EXHAUSTED when the cap on in-flight Updates was reached.
+        if error.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+            raise
+        raise NodeBusy(
+            f"node {node_id} has too many requests waiting; nothing was started: try again "
+            f"when its operations have ended (onex status {node_workflow_id(node_id)})"
+        ) from None
 
 
 _OperationWorkflowHandle = WorkflowHandle[OperationWorkflow, OperationResult]

@@ -13,7 +13,8 @@ What happens to a request that arrives while another operation on the node is op
 * the same request (same :func:`~contracts.node.fingerprint`) attaches to the open one and gets
   its result; nothing runs twice;
 * a different request waits its turn in the queue (bounded by
-  :data:`~contracts.node.MAX_QUEUED`; beyond it the Update is refused, with the reason);
+  :data:`~contracts.node.MAX_QUEUED`, and the callers waiting at once by
+  :data:`~contracts.node.MAX_CALLERS`; beyond them the Update is refused, with the reason);
 * a request whose contract ``supersedes`` the running operation (a deregister for a register
   waiting in ``partial``) closes that operation's retry window first: it compensates, then the
   new request runs.
@@ -40,6 +41,7 @@ from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from contracts.node import (
+        MAX_CALLERS,
         MAX_QUEUED,
         NodeInput,
         NodeOperation,
@@ -79,6 +81,7 @@ class NodeWorkflow:
         self._completed = node.completed
         self._last = node.last
         self._signals: set[asyncio.Task[None]] = set()
+        self._callers = 0  # submit Updates in flight
 
     @workflow.run
     async def run(self, node: NodeInput) -> NodeState:
@@ -141,12 +144,16 @@ class NodeWorkflow:
 
         An identical request already running or waiting is attached to instead.
         """
-        entry = self._open(fingerprint(submission.operation))
-        if entry is None:
-            entry = self._accept(submission)
-        sequence = entry.view.sequence
-        await workflow.wait_condition(lambda: sequence in self._results)
-        return self._results[sequence]
+        self._callers += 1
+        try:
+            entry = self._open(fingerprint(submission.operation))
+            if entry is None:
+                entry = self._accept(submission)
+            sequence = entry.view.sequence
+            await workflow.wait_condition(lambda: sequence in self._results)
+            return self._results[sequence]
+        finally:
+            self._callers -= 1
 
     @submit.validator
     def _validate_submit(self, submission: Submission) -> None:
@@ -157,10 +164,16 @@ class NodeWorkflow:
             raise ValueError(
                 f"this workflow serves node {node.node_id}; the request is for node {node_id}"
             )
+        waiting = f"wait for them (onex status {workflow.info().workflow_id})"
+        if self._callers >= MAX_CALLERS:
+            raise ValueError(
+                f"node {node.node_id} already has {self._callers} callers waiting (at most "
+                f"{MAX_CALLERS}); {waiting}"
+            )
         if self._open(fingerprint(operation)) is None and len(self._queue) >= MAX_QUEUED:
             raise ValueError(
                 f"node {node.node_id} already has {len(self._queue)} operations waiting (at most "
-                f"{MAX_QUEUED}); wait for them (onex status {workflow.info().workflow_id})"
+                f"{MAX_QUEUED}); {waiting}"
             )
 
     # -- internals ---------------------------------------------------------------------------

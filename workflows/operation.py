@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         event_payload,
     )
     from contracts.registry import CompensationInput, UndoAction
+    from contracts.resilience import RESULT_ATTEMPT_KEY
     from contracts.search_attributes import CORRELATION_ID, NODE_ID, ONEX_OPERATION, ONEX_STATUS
     from contracts.topics import TopicName
     from workflows.saga import Compensation, Saga, Undone
@@ -304,17 +305,21 @@ class OperationWorkflow:
                     "error_type": cause.type if isinstance(cause, ApplicationError) else None,
                     "error_code": details.get("code"),
                     "error": details.get("message") or str(cause or error),
-                    "attempts": outcome.attempts + int(details.get("attempt") or 1),
+                    "attempts": outcome.attempts + _attempts_of(error),
                 }
             )
             self._push_ambiguous(step, error)
         else:
+            # Temporal's attempt number, as the boundary reported it; results recorded before
+            # it did (and skipped steps, which do not pass through it) took one attempt.
+            # Reading a result changes no command: replay-safe without a patch.
+            attempts = outcome.attempts + int(result.pop(RESULT_ATTEMPT_KEY, None) or 1)
             if result.get("skipped"):
                 outcome = outcome.model_copy(
                     update={
                         "status": StepStatus.SKIPPED,
                         "skip_reason": str(result.get("reason") or "backend disabled"),
-                        "attempts": outcome.attempts + 1,
+                        "attempts": attempts,
                     }
                 )
             else:
@@ -326,7 +331,7 @@ class OperationWorkflow:
                         "error_code": None,
                         "error_type": None,
                         "result": result,
-                        "attempts": outcome.attempts + 1,
+                        "attempts": attempts,
                     }
                 )
                 if step.compensation_activity and step.compensation_policy:
@@ -600,14 +605,17 @@ class OperationWorkflow:
 def _patient(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` bounded by time instead of attempts, with backoff capped at a few minutes.
 
-    A short database restart must neither drop an event nor fail an undo for good.
+    A short database restart must neither drop an event nor fail an undo for good. The cap is
+    the patient one, not the forward step's (30 s for most transports): the boundary computes
+    each delay from the retry policy the activity runs with, so a long outage is waited out in
+    a few tries instead of one every 30 s. Options are not part of what replay compares
+    (command and activity types and ids are): changing them needs no patch.
     """
     retry = options["retry_policy"]
-    interval = retry.maximum_interval or PATIENT_MAX_INTERVAL
     return {
         **options,
         "retry_policy": dataclasses.replace(
-            retry, maximum_attempts=0, maximum_interval=min(interval, PATIENT_MAX_INTERVAL)
+            retry, maximum_attempts=0, maximum_interval=PATIENT_MAX_INTERVAL
         ),
         "schedule_to_close_timeout": PATIENT_BUDGET,
     }
@@ -648,3 +656,24 @@ def _details(cause: BaseException | None) -> dict[str, Any]:
         if isinstance(first, dict):
             return first
     return {}
+
+
+def _attempts_of(error: ActivityError) -> int:
+    """How many attempts a failed step took: Temporal's number of its last attempt.
+
+    The boundary puts it in the failure's details; a step whose budget ran out while it waited
+    to retry fails with a timeout whose cause is the last attempt's failure; a lost attempt (a
+    heartbeat timeout) carries the attempt number of its last heartbeat. Failures recorded
+    before any of these: one attempt, as reported then.
+    """
+    link: BaseException | None = error.cause
+    while link is not None:
+        attempt = _details(link).get("attempt")
+        if isinstance(attempt, int) and attempt > 0:
+            return attempt
+        if isinstance(link, ActivityTimeoutError) and link.last_heartbeat_details:
+            beat = link.last_heartbeat_details[0]
+            if isinstance(beat, int) and beat > 0:
+                return beat
+        link = link.__cause__
+    return 1

@@ -16,20 +16,30 @@ the ``ApplicationError``, because Temporal records a failure's whole cause chain
 workflow history, which anyone with UI access can read.
 
 There are no loops and no sleeps here: Temporal schedules the next attempt, after
-``next_retry_delay``. Temporal's ``RetryPolicy`` has no jitter, so the delay is computed here.
+``next_retry_delay``. Temporal's ``RetryPolicy`` has no jitter, so the delay is computed here,
+from the retry policy of the activity being run (a compensation's patient one is not the
+forward step's), with the boundary's jitter.
+
+While the call runs, the boundary heartbeats (three times per heartbeat timeout, with the
+attempt number as details), so that Temporal notices a lost attempt, a crashed worker, within
+seconds. On success it adds Temporal's attempt number to a result that is an object, under
+``RESULT_ATTEMPT_KEY``: the workflow reports how many attempts a step took.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 from uuid import UUID
 
 import structlog
+from pydantic_core import to_jsonable_python
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -44,7 +54,7 @@ from contracts.errors import (
     InfraUnavailableError,
     Transport,
 )
-from contracts.resilience import ResiliencePolicy
+from contracts.resilience import RESULT_ATTEMPT_KEY, ResiliencePolicy, RetrySettings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -99,7 +109,16 @@ class ActivityBoundary:
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
     ) -> R:
-        attempt = activity.info().attempt if activity.in_activity() else 1
+        info = activity.info() if activity.in_activity() else None
+        attempt = info.attempt if info else 1
+        retry = self.policy.retry.following(info.retry_policy if info else None)
+        # A probe cannot outlast its attempt: rejections behind it wait at most that long.
+        start_to_close = info.start_to_close_timeout if info else None
+        probe_seconds = (
+            start_to_close.total_seconds()
+            if start_to_close
+            else self.policy.timeouts.start_to_close
+        )
         context = ErrorContext(
             transport=self.transport,
             operation=operation,
@@ -112,10 +131,11 @@ class ActivityBoundary:
         admitted = False
         started = time.perf_counter()
         try:
-            async with breaker.guard(is_failure=is_transport_failure):
+            async with breaker.guard(is_failure=is_transport_failure, probe_seconds=probe_seconds):
                 admitted = True
                 try:
-                    result = await function(*args, **kwargs)
+                    async with _heartbeating(info):
+                        result = await function(*args, **kwargs)
                 except Exception as exc:
                     # Classified inside the guard: only transport failures count against it.
                     error = classify(exc, context)
@@ -124,7 +144,7 @@ class ActivityBoundary:
                     raise error from exc
         except CircuitOpenError as rejected:
             if admitted:  # raised by the call itself (a nested breaker): an ordinary failure
-                raise self._failed(operation, rejected, attempt, started, log) from None
+                raise self._failed(operation, rejected, attempt, retry, started, log) from None
             error = InfraUnavailableError(
                 f"{operation} on {self.target} not attempted: its circuit breaker is open",
                 context=context,
@@ -134,23 +154,24 @@ class ActivityBoundary:
             _count("onex_circuit_breaker_rejections", breaker=breaker.name)
             raise self._application_error(error, attempt, rejected.retry_after) from None
         except InfraError as error:
-            raise self._failed(operation, error, attempt, started, log) from None
+            raise self._failed(operation, error, attempt, retry, started, log) from None
         log.debug(
             "operation_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 2)
         )
-        return result
+        return _with_attempt(result, attempt) if info else result
 
     def _failed(
         self,
         operation: str,
         error: InfraError,
         attempt: int,
+        retry: RetrySettings,
         started: float,
         log: Any,
     ) -> ApplicationError:
         """Count and log a failed attempt; the ``ApplicationError`` Temporal should see."""
         duration = time.perf_counter() - started
-        delay = self._retry_delay(error, attempt)
+        delay = self._retry_delay(error, attempt, retry)
         _count(
             "onex_activity_failures",
             operation=operation,
@@ -169,10 +190,10 @@ class ActivityBoundary:
         )
         return self._application_error(error, attempt, delay)
 
-    def _retry_delay(self, error: InfraError, attempt: int) -> float | None:
+    def _retry_delay(self, error: InfraError, attempt: int, retry: RetrySettings) -> float | None:
         if not error.retryable:
             return None
-        backoff = self.policy.retry.delay(attempt, self._uniform())
+        backoff = retry.delay(attempt, self._uniform())
         # A server that says when to come back (Retry-After) is believed, never undercut.
         return max(backoff, error.retry_after) if error.retry_after else backoff
 
@@ -199,6 +220,46 @@ class ActivityBoundary:
             non_retryable=not error.retryable,
             next_retry_delay=None if delay is None else timedelta(seconds=delay),
         )
+
+
+@contextlib.asynccontextmanager
+async def _heartbeating(info: activity.Info | None) -> AsyncIterator[None]:
+    """Heartbeat while the block runs, when the activity has a heartbeat timeout.
+
+    Three heartbeats per timeout: one lost or late heartbeat does not fail a live attempt.
+    The details are the attempt number, which a heartbeat timeout carries to the workflow.
+    """
+    timeout = info.heartbeat_timeout if info else None
+    if info is None or not timeout:
+        yield
+        return
+    interval = timeout.total_seconds() / 3
+    attempt = info.attempt
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat(attempt)
+            await asyncio.sleep(interval)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _with_attempt(result: R, attempt: int) -> R:
+    """``result`` with Temporal's attempt number added, if it is an object on the wire.
+
+    The workflow reads step results as dicts: a model is sent as its JSON object anyway, so
+    sending that object with one more key changes nothing else. Other results pass unchanged.
+    """
+    wire = to_jsonable_python(result)
+    if not isinstance(wire, dict):
+        return result
+    return cast("R", {**wire, RESULT_ATTEMPT_KEY: attempt})
 
 
 def _count(metric: str, **labels: str) -> None:

@@ -17,6 +17,11 @@ The lock guards the breaker's counters, never the call: ``acquire`` and ``record
 a few attribute updates, and the guarded call runs without it. Listeners run after the lock is
 released. Time comes from an injectable monotonic clock, so tests drive every transition
 without sleeping.
+
+A rejection says when to come back (``retry_after``): the time left in the open window, or,
+while half-open with its probes in flight, the time until the last of them must have ended
+(its caller's bound on the call, ``probe_seconds``). Callers that retry after that long do not
+spend their attempts against a breaker that cannot admit them yet.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class CircuitBreaker:
         "_listeners",
         "_lock",
         "_open_until",
+        "_probe_ends",
         "_slow_call_seconds",
         "_state",
         "_total_failures",
@@ -155,6 +161,7 @@ class CircuitBreaker:
         self._consecutive_failures = 0
         self._half_open_in_flight = 0
         self._half_open_successes = 0
+        self._probe_ends = 0.0  # clock time by which the probes in flight must have ended
         # The sliding window over the last N calls made while closed is kept as the sequence
         # numbers of its failures, so that a success (the common case) only bumps a counter.
         self._calls = 0
@@ -201,10 +208,13 @@ class CircuitBreaker:
 
     # -- the protocol around one call --------------------------------------------------------
 
-    def acquire(self) -> bool:
+    def acquire(self, probe_seconds: float | None = None) -> bool:
         """Admit a call or raise :class:`CircuitOpenError`; True means the call is a probe.
 
-        Pass the returned flag to :meth:`record_success` or :meth:`record_failure`.
+        ``probe_seconds`` bounds how long the call can take (its activity's start-to-close):
+        while it is the probe in flight, rejections wait that long. Without it, a probe is
+        given one open window. Pass the returned flag to :meth:`record_success` or
+        :meth:`record_failure`.
         """
         if self._state is _CLOSED:  # the hot path: one attribute read, no lock
             return False
@@ -217,10 +227,16 @@ class CircuitBreaker:
                     raise CircuitOpenError(self.name, self._open_until - now)
                 changes.append(self._transition(_HALF_OPEN))
             if self._state is _HALF_OPEN:
+                now = self.clock()
                 if self._half_open_in_flight >= self.settings.half_open_max_calls:
                     self._total_rejections += 1
-                    # A probe is in flight; its outcome decides. Look again shortly.
-                    raise CircuitOpenError(self.name, min(1.0, self.settings.open_seconds))
+                    # The probes' outcome decides, and it is known by the time they must have
+                    # ended; coming back sooner would only spend an attempt on another refusal.
+                    # A probe past its bound is about to end: look again shortly.
+                    floor = min(1.0, self.settings.open_seconds)
+                    raise CircuitOpenError(self.name, max(self._probe_ends - now, floor))
+                bound = self.settings.open_seconds if probe_seconds is None else probe_seconds
+                self._probe_ends = max(self._probe_ends, now + bound)
                 self._half_open_in_flight += 1
                 probe = True
             else:
@@ -277,17 +293,20 @@ class CircuitBreaker:
                 if self._state is _HALF_OPEN and self._half_open_in_flight > 0:
                     self._half_open_in_flight -= 1
 
-    def guard(self, is_failure: FailurePredicate | None = None) -> BreakerGuard:
+    def guard(
+        self, is_failure: FailurePredicate | None = None, probe_seconds: float | None = None
+    ) -> BreakerGuard:
         """The one guarded call: ``async with breaker.guard(is_failure=...): <the call>``.
 
-        Entering admits the call or raises :class:`CircuitOpenError`. Leaving records the
+        Entering admits the call or raises :class:`CircuitOpenError` (``probe_seconds``: see
+        :meth:`acquire`). Leaving records the
         outcome: a normal exit is a success (timed against ``slow_call_seconds``); an
         ``Exception`` for which ``is_failure`` is true is a failure, any other one a success
         (the dependency answered, say with a refusal: pybreaker's ``exclude``); a cancellation
         (or any other ``BaseException``) is no outcome, and frees a probe slot. Without
         ``is_failure`` every exception counts as a failure. The exception propagates as it is.
         """
-        return BreakerGuard(self, is_failure)
+        return BreakerGuard(self, is_failure, probe_seconds)
 
     async def call(
         self,
@@ -368,6 +387,7 @@ class CircuitBreaker:
         self._state = new_state
         self._half_open_in_flight = 0
         self._half_open_successes = 0
+        self._probe_ends = 0.0
         if new_state is _OPEN:
             self._open_until = self.clock() + self.settings.open_seconds
         elif new_state is _CLOSED:
@@ -393,18 +413,24 @@ class BreakerGuard:
     The closed-breaker path is a few attribute reads: no lock on entry, one short lock on exit.
     """
 
-    __slots__ = ("_breaker", "_is_failure", "_probe", "_started")
+    __slots__ = ("_breaker", "_is_failure", "_probe", "_probe_seconds", "_started")
 
-    def __init__(self, breaker: CircuitBreaker, is_failure: FailurePredicate | None) -> None:
+    def __init__(
+        self,
+        breaker: CircuitBreaker,
+        is_failure: FailurePredicate | None,
+        probe_seconds: float | None = None,
+    ) -> None:
         self._breaker = breaker
         self._is_failure = is_failure
+        self._probe_seconds = probe_seconds
         self._probe = False
         self._started = 0.0
 
     async def __aenter__(self) -> BreakerGuard:
         breaker = self._breaker
         if breaker._state is not _CLOSED:
-            self._probe = breaker.acquire()
+            self._probe = breaker.acquire(self._probe_seconds)
         if breaker._slow_call_seconds is not None:  # the clock is read only when it matters
             self._started = breaker.clock()
         return self

@@ -7,29 +7,38 @@ where the waits pass in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import BaseModel
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.testing import WorkflowEnvironment
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.resilience.boundary import ActivityBoundary
 from activities.resilience.breaker import BreakerRegistry, BreakerState
 from contracts.errors import Transport
-from contracts.resilience import BreakerSettings, ResiliencePolicy, RetrySettings
+from contracts.resilience import (
+    RESULT_ATTEMPT_KEY,
+    BreakerSettings,
+    ResiliencePolicy,
+    RetrySettings,
+    default_policy,
+)
 from tests.sample_workflows import ActivityCall, CallActivityWorkflow
 from tests.support import readable_history
+from workflows.operation import _patient
 
 POLICY = ResiliencePolicy(
     retry=RetrySettings(max_attempts=5, initial_interval=1.0, max_interval=60.0, jitter=0.25),
@@ -250,3 +259,85 @@ async def test_no_secret_reaches_the_workflow_history(
     assert "InfraUnexpectedError" in history
     for secret in SECRETS:
         assert secret not in history, f"{secret!r} leaked into the workflow history"
+
+
+class _Undo(BaseModel):
+    action: str
+
+
+async def _in_activity(
+    fn: Callable[[str], Awaitable[Any]], **info: Any
+) -> tuple[Any, ApplicationError | None]:
+    """Run ``fn`` once in Temporal's ActivityEnvironment with ``info`` changed."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, **info)
+    try:
+        return await env.run(fn, "ok"), None
+    except ApplicationError as error:
+        return None, error
+
+
+async def test_a_compensation_backs_off_by_its_own_patient_policy() -> None:
+    """A compensation runs with the workflow's patient options (backoff cap 5 minutes): after
+    its 9th failed attempt the boundary asks for 256 s, not the forward policy's 30 s cap."""
+    forward = default_policy(Transport.CONSUL)
+    patient = _patient(forward.activity_options())["retry_policy"]
+    script = Script(*(ConnectionRefusedError(111, "refused") for _ in range(2)))
+    fn, _ = boundary_activity("consul.undo", script, policy=forward, uniform=lambda: 0.5)
+    _, error = await _in_activity(fn, attempt=9, retry_policy=patient)
+    assert error is not None
+    assert error.next_retry_delay is not None
+    assert error.next_retry_delay.total_seconds() == pytest.approx(256.0), (
+        "the delay must follow the retry policy the activity runs with (info.retry_policy)"
+    )
+    _, forward_error = await _in_activity(fn, attempt=9, retry_policy=forward.retry.retry_policy())
+    assert forward_error is not None
+    assert forward_error.next_retry_delay is not None
+    assert forward_error.next_retry_delay.total_seconds() == pytest.approx(30.0)
+
+
+async def test_a_rejection_behind_a_probe_in_flight_waits_for_the_probe() -> None:
+    """Half-open with a slow probe in flight (another attempt, admitted 10 s ago with a 45 s
+    start-to-close): the rejected attempt's next_retry_delay is the 35 s until that probe must
+    have ended, not a second, so it does not spend attempts against the breaker."""
+    clock = TemporalClock()
+    policy = POLICY.model_copy(
+        update={"circuit_breaker": BreakerSettings(failure_threshold=1, open_seconds=20.0)}
+    )
+    script = Script(ConnectionRefusedError(111, "refused"))
+    breakers = BreakerRegistry(clock=clock)
+    boundary = ActivityBoundary(
+        transport=Transport.DATABASE, target="postgresql-primary", policy=policy, breakers=breakers
+    )
+    fn = boundary.wrap("upsert_node", script)
+    await _in_activity(fn)  # the failure opens the breaker
+    clock.now += 20.0
+    breaker = breakers.get("database:postgresql-primary", policy.circuit_breaker)
+    assert breaker.acquire(probe_seconds=45.0), "the slow probe, in flight"
+    clock.now += 10.0
+    _, error = await _in_activity(fn, start_to_close_timeout=timedelta(seconds=45))
+    assert error is not None
+    assert error.type == "InfraUnavailableError"
+    assert error.next_retry_delay == timedelta(seconds=35), (
+        "wait until the probe in flight must have ended"
+    )
+    assert script.calls == 1, "the rejected attempt never reached the dependency"
+
+
+async def test_a_success_reports_temporals_attempt_in_an_object_result() -> None:
+    """A result that is an object on the wire carries the attempt it succeeded on, for the
+    workflow; other results pass unchanged."""
+
+    async def undo(argument: str) -> _Undo:
+        return _Undo(action=argument)
+
+    boundary = ActivityBoundary(
+        transport=Transport.CONSUL,
+        target="consul",
+        policy=default_policy(Transport.CONSUL),
+        breakers=BreakerRegistry(),
+    )
+    result, _ = await _in_activity(boundary.wrap("undo", undo), attempt=2)
+    assert result == {"action": "ok", RESULT_ATTEMPT_KEY: 2}
+    plain, _ = boundary_activity("db.plain", Script())
+    assert (await _in_activity(plain, attempt=2))[0] == "OK"

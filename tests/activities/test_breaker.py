@@ -359,3 +359,33 @@ async def test_guard_frees_the_probe_slot_of_a_cancelled_call(clock: FakeClock) 
     async with breaker.guard():
         pass
     assert breaker.snapshot().total_successes == 1
+
+
+def test_a_rejection_behind_a_probe_in_flight_waits_until_the_probe_must_have_ended(
+    clock: FakeClock,
+) -> None:
+    """Half-open with its probe in flight: a rejection says to come back when the probe must
+    have ended (its bound, the attempt's start-to-close), not within a second; a probe past
+    its bound is about to end, so then it is a second. Without a bound, one open window."""
+    breaker, _ = make(clock)
+    fail(breaker, 3)
+    clock.advance(30)
+    probe = breaker.acquire(probe_seconds=35.0)
+    assert probe, "the first call after the open window is the probe"
+    clock.advance(5)
+    with pytest.raises(CircuitOpenError) as rejected:
+        breaker.acquire(probe_seconds=35.0)
+    assert rejected.value.retry_after == pytest.approx(30.0), (
+        "a rejection must wait for the probe's end, or the caller spends attempts on refusals"
+    )
+    clock.advance(31)
+    with pytest.raises(CircuitOpenError) as late:
+        breaker.acquire()
+    assert late.value.retry_after == pytest.approx(1.0)
+    breaker.record_failure(probe)  # re-opens: the open window rules again
+    clock.advance(30)
+    unbounded = breaker.acquire()
+    with pytest.raises(CircuitOpenError) as rejected_again:
+        breaker.acquire()
+    assert rejected_again.value.retry_after == pytest.approx(30.0), "one open window"
+    breaker.record_success(unbounded)

@@ -46,6 +46,7 @@ from tests.fakes.fault_proxy import FaultProxy, start_proxied_broker
 from tests.stack import fast_operations
 from tests.support import free_port
 from workers.client import (
+    NodeBusy,
     OperationFinished,
     OperationNotFound,
     Operations,
@@ -345,7 +346,7 @@ class Chaos:
                 f"no worker accepted {operation} within 120 s (worker exit codes: {exits}; "
                 f"their logs: {self.workers.logs})"
             ) from None
-        except WorkflowUpdateFailedError:  # the node's queue is full: refused, nothing runs
+        except (WorkflowUpdateFailedError, NodeBusy):  # the node is full: refused, nothing ran
             self.figures.started["refused"] += 1
             return
         self.handles.append(handle)
