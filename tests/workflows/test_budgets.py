@@ -174,6 +174,9 @@ async def test_attempts_are_temporals_count_on_success_and_on_failure(
         # The three failures opened Consul's breaker: the retry's first attempt is refused
         # without a call, its second is the probe, which succeeds.
         retried = await handle.execute_update(OperationWorkflow.retry_failed, "consul")
+        # Let it finish: a workflow left open with a pending activity would stop the
+        # time-skipping server from skipping time for every later test.
+        await handle.result()
     assert retried.status is OperationStatus.SUCCESS
     assert consul(retried).attempts == 5, "3 attempts, then the retry's own 2"
     assert len(backends.calls["consul.register_service"]) == 4, "the refused one made no call"
