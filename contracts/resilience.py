@@ -38,6 +38,8 @@ A workflow cannot see on which attempt an activity succeeded, so the boundary sa
 result; the workflow takes the key out before it keeps or passes on the result (result models
 forbid extra keys). Results recorded before the key existed lack it: one attempt is assumed.
 """
+RESULT_ATTEMPT_WORKFLOWS = frozenset({"OperationWorkflow"})
+"""The workflow types that read ``RESULT_ATTEMPT_KEY``; any other caller gets the plain result."""
 
 
 class _Policy(BaseModel):

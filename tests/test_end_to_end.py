@@ -17,9 +17,10 @@ from aiokafka import AIOKafkaConsumer
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from contracts.errors import Transport
 from contracts.operations_io import OperationStatus, StepStatus
 from contracts.registry import RegisterNodeRequest
-from contracts.resilience import BreakerSettings
+from contracts.resilience import BreakerSettings, default_policy
 from tests.builders import register_request
 from tests.conftest import isolated_environment
 from tests.fakes.consul_agent import FakeConsulAgent
@@ -30,6 +31,8 @@ from workers.host import WorkerHost
 from workers.settings import OnexSettings
 
 BIN = Path(sys.executable).parent
+CONSUL_BUDGET = default_policy(Transport.CONSUL).timeouts.schedule_to_close or 0.0
+"""How long a Consul step keeps trying before it fails (its budget in time)."""
 
 
 def node_request() -> RegisterNodeRequest:
@@ -105,12 +108,13 @@ async def test_registration_reaches_consul_postgres_and_kafka(
     await wait_until(listed, within=10, what="the workflow to be listed by CorrelationId")
 
 
+@pytest.mark.timeout(CONSUL_BUDGET + 120)
 async def test_partial_registration_is_retried_to_success(
     stack: tuple[OnexSettings, Client, FakeConsulAgent, WorkerHost],
 ) -> None:
-    """Consul answers 500 through all its attempts: the registration is partial (PostgreSQL
-    done) and Consul's breaker is open; after Consul recovers and an operator resets the
-    breaker, `retry_failed` completes it without touching PostgreSQL."""
+    """Consul answers 500 through its whole time budget: the registration is partial
+    (PostgreSQL done) and Consul's breaker is open; after Consul recovers and an operator
+    resets the breaker, `retry_failed` completes it without touching PostgreSQL."""
     settings, client, agent, worker_host = stack
     agent.fail_next(100, status=500)
     request = node_request()
@@ -119,7 +123,8 @@ async def test_partial_registration_is_retried_to_success(
     async def partial() -> bool:
         return (await get_status(client, handle.id)).status is OperationStatus.PARTIAL
 
-    await wait_until(partial, within=60, what="the registration to become partial")
+    # The step keeps trying (waiting for its breaker) until its budget in time runs out.
+    await wait_until(partial, within=CONSUL_BUDGET + 60, what="the registration to become partial")
     status = await get_status(client, handle.id)
     consul = next(b for b in status.backends if b.backend == "consul")
     assert (consul.error_type, consul.status) == ("InfraUnavailableError", StepStatus.FAILED)

@@ -23,7 +23,8 @@ forward step's), with the boundary's jitter.
 While the call runs, the boundary heartbeats (three times per heartbeat timeout, with the
 attempt number as details), so that Temporal notices a lost attempt, a crashed worker, within
 seconds. On success it adds Temporal's attempt number to a result that is an object, under
-``RESULT_ATTEMPT_KEY``: the workflow reports how many attempts a step took.
+``RESULT_ATTEMPT_KEY``, for the workflows that read it (``RESULT_ATTEMPT_WORKFLOWS``): the
+operation workflow reports how many attempts a step took.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ from contracts.errors import (
     InfraUnavailableError,
     Transport,
 )
-from contracts.resilience import RESULT_ATTEMPT_KEY, ResiliencePolicy, RetrySettings
+from contracts.resilience import (
+    RESULT_ATTEMPT_KEY,
+    RESULT_ATTEMPT_WORKFLOWS,
+    ResiliencePolicy,
+    RetrySettings,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -158,7 +164,9 @@ class ActivityBoundary:
         log.debug(
             "operation_succeeded", duration_ms=round((time.perf_counter() - started) * 1000, 2)
         )
-        return _with_attempt(result, attempt) if info else result
+        if info and info.workflow_type in RESULT_ATTEMPT_WORKFLOWS:
+            return _with_attempt(result, attempt)
+        return result
 
     def _failed(
         self,

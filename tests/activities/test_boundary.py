@@ -326,7 +326,7 @@ async def test_a_rejection_behind_a_probe_in_flight_waits_for_the_probe() -> Non
 
 async def test_a_success_reports_temporals_attempt_in_an_object_result() -> None:
     """A result that is an object on the wire carries the attempt it succeeded on, for the
-    workflow; other results pass unchanged."""
+    operation workflow; other workflows and other results get the result unchanged."""
 
     async def undo(argument: str) -> _Undo:
         return _Undo(action=argument)
@@ -337,7 +337,10 @@ async def test_a_success_reports_temporals_attempt_in_an_object_result() -> None
         policy=default_policy(Transport.CONSUL),
         breakers=BreakerRegistry(),
     )
-    result, _ = await _in_activity(boundary.wrap("undo", undo), attempt=2)
+    guarded = boundary.wrap("undo", undo)
+    result, _ = await _in_activity(guarded, attempt=2, workflow_type="OperationWorkflow")
     assert result == {"action": "ok", RESULT_ATTEMPT_KEY: 2}
+    other, _ = await _in_activity(guarded, attempt=2, workflow_type="SomeoneElsesWorkflow")
+    assert other == _Undo(action="ok"), "only the workflows that read the attempt get it"
     plain, _ = boundary_activity("db.plain", Script())
-    assert (await _in_activity(plain, attempt=2))[0] == "OK"
+    assert (await _in_activity(plain, attempt=2, workflow_type="OperationWorkflow"))[0] == "OK"
