@@ -2,6 +2,10 @@
 
 A history that no longer replays means a code change is not deterministic for workflows that
 are already running: deploy it behind ``workflow.patched`` or as a new workflow version.
+
+Encrypted histories replay with the converter of :func:`workers.converter.build_data_converter`
+(the keys that wrote them); plaintext histories replay with either converter. A payload whose key
+is not configured fails its replay with a message naming the missing key id.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from temporalio.client import Client, WorkflowHistory
+from temporalio.converter import DataConverter
 from temporalio.worker import Replayer
 
 from workers.converter import DATA_CONVERTER
@@ -24,10 +29,12 @@ class ReplayOutcome:
     error: str | None = None
 
 
-def replayer(workflows: list[type] | None = None) -> Replayer:
+def replayer(
+    workflows: list[type] | None = None, *, data_converter: DataConverter = DATA_CONVERTER
+) -> Replayer:
     return Replayer(
         workflows=workflows or WORKFLOWS,
-        data_converter=DATA_CONVERTER,
+        data_converter=data_converter,
         interceptors=[CorrelationInterceptor()],
     )
 
@@ -42,20 +49,29 @@ def _outcome(name: str, error: Exception | None) -> ReplayOutcome:
     return ReplayOutcome(name, error is None, None if error is None else str(error))
 
 
-async def replay_files(path: Path, *, workflows: list[type] | None = None) -> list[ReplayOutcome]:
+async def replay_files(
+    path: Path,
+    *,
+    workflows: list[type] | None = None,
+    data_converter: DataConverter = DATA_CONVERTER,
+) -> list[ReplayOutcome]:
     """Replay the histories of :func:`load_histories`; a failure is reported, not raised."""
     outcomes = []
     for history in load_histories(path):
-        result = await replayer(workflows).replay_workflow(history, raise_on_replay_failure=False)
+        result = await replayer(workflows, data_converter=data_converter).replay_workflow(
+            history, raise_on_replay_failure=False
+        )
         outcomes.append(_outcome(history.workflow_id, result.replay_failure))
     return outcomes
 
 
 async def replay_query(client: Client, query: str) -> list[ReplayOutcome]:
-    """Replay the histories of the (closed or running) workflows a visibility query lists."""
+    """Replay the histories of the (closed or running) workflows a visibility query lists,
+    with the client's data converter."""
     outcomes = []
     histories = client.list_workflows(query).map_histories()
-    async with replayer().workflow_replay_iterator(histories) as results:
+    replaying = replayer(data_converter=client.data_converter)
+    async with replaying.workflow_replay_iterator(histories) as results:
         async for result in results:
             outcomes.append(_outcome(result.history.workflow_id, result.replay_failure))
     return outcomes
