@@ -56,7 +56,7 @@ from contracts.operations_io import OperationStatus, StepStatus
 if TYPE_CHECKING:  # hvac loads only when a secret is needed (see resolve_secret)
     from activities.vault import SecretStoreSettings
 
-PAYLOAD_KEY_SECRET: Final = "temporal.payload_key"
+PAYLOAD_KEY_SECRET: Final = "temporal.payload_key"  # noqa: S105 - a name, not a value
 """The logical secret holding the keyring (``key_id:base64-key,...``, newest first)."""
 
 ENCODING: Final = b"binary/encrypted"

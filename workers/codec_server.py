@@ -33,7 +33,7 @@ from contracts.errors import ConfigurationError
 from workers.codec import EncryptionCodec, PayloadCodecError, load_keyring, resolve_secret
 from workers.settings import OnexSettings
 
-CODEC_TOKEN_SECRET: Final = "temporal.codec_token"
+CODEC_TOKEN_SECRET: Final = "temporal.codec_token"  # noqa: S105 - a name, not a value
 """The logical secret every request to the codec server must present."""
 
 MIN_TOKEN_LENGTH: Final = 16

@@ -60,9 +60,7 @@ class EncodingFailureConverter(SanitizingFailureConverter):
         while link is not None:
             if not link.HasField("encoded_attributes"):
                 link.encoded_attributes.CopyFrom(
-                    payload_converter.to_payloads([{"message": link.message, "stack_trace": ""}])[
-                        0
-                    ]
+                    payload_converter.to_payloads([{"message": link.message, "stack_trace": ""}])[0]
                 )
                 link.message = "Encoded failure"
             link = link.cause if link.HasField("cause") else None

@@ -1,9 +1,9 @@
 """``onex worker``: the composition root.
 
 settings → logging → secret resolver → client (its data converter encrypting when
-``ONEX_CODEC__ENABLED``, keys from the resolver) → breakers → handlers from contracts (each given its own
-settings section and the secrets it declares, then initialized, which connects its clients) →
-one activity per (handler, operation) named ``<handler>.<operation>`` behind the activity
+``ONEX_CODEC__ENABLED``, keys from the resolver) → breakers → handlers from contracts (each
+given its own settings section and the secrets it declares, then initialized, which connects its
+clients) → one activity per (handler, operation) named ``<handler>.<operation>`` behind the activity
 boundary → the Temporal worker (the client's data converter, correlation interceptor) → the
 background services the handlers declare (the outbox relay) and the host's own (Vault token
 renewal), each supervised: one that fails or returns early is logged and restarted, after 1 s

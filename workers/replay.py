@@ -19,7 +19,6 @@ from typing import Any
 
 from google.protobuf import json_format
 from temporalio.api.common.v1 import Payload
-
 from temporalio.client import Client, WorkflowHistory
 from temporalio.converter import DataConverter
 from temporalio.worker import Replayer

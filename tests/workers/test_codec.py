@@ -156,7 +156,8 @@ async def test_an_unknown_codec_header_fails_naming_the_key_id() -> None:
     with pytest.raises(PayloadDecryptionError) as error:
         await EncryptionCodec(PayloadKeyring((K1,))).decode([sealed])
     assert_names_key_id_not_key(error.value, "k1", K1)
-    assert CIPHER_HEADER in str(error.value) and "ChaCha20/v9" in str(error.value)
+    assert CIPHER_HEADER in str(error.value)
+    assert "ChaCha20/v9" in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -124,9 +124,8 @@ async def test_the_encrypted_golden_history_replays_with_its_keys_only() -> None
     assert OLD.key.hex() not in (missing.error or "")
 
     plaintext = await replay_files(HISTORIES, data_converter=both)
-    assert plaintext and all(outcome.ok for outcome in plaintext), [
-        outcome.error for outcome in plaintext if not outcome.ok
-    ]
+    assert plaintext, "the plaintext golden histories are missing"
+    assert [o.error for o in plaintext if not o.ok] == [], "plaintext histories must replay"
     (unreadable,) = await replay_files(ROTATION, data_converter=DATA_CONVERTER)
     assert not unreadable.ok, "an encrypted history cannot replay without the codec"
 
