@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 ONEX   := $(BIN)/onex
 
 .DEFAULT_GOAL := help
-.PHONY: help demo run test lint typecheck unit bench chaos lock stack-up stack-down clean record-histories
+.PHONY: help demo run test lint typecheck unit bench chaos ui-check lock stack-up stack-down clean record-histories
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench: $(VENV)/.installed-dev ## performance figures as one JSON object
 
 chaos: $(VENV)/.installed-dev ## the full chaos run (kills, restarts, outages); SEED=n replays one
 	$(BIN)/python -m tests.chaos --profile full $(if $(SEED),--seed $(SEED))
+
+ui-check: $(VENV)/.installed-dev ## headless Chromium: the embedded UI shows encrypted input decoded (needs chromium)
+	$(BIN)/python -m tests.ui_check
 
 lock: $(VENV)/.installed-dev ## re-resolve the pinned dependencies after editing pyproject.toml
 	$(BIN)/python -m pip install --quiet uv==0.13.8

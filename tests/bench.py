@@ -12,6 +12,10 @@ sides alike. Nothing here asserts a figure: targets are read by people, in the i
   Temporal workflow with the same activity shape (5 no-op activities: 1, 2 in parallel, 2),
   in alternating rounds on the same server and worker process.
   Targets: throughput >= 0.85x bare, p50 latency <= 1.2x bare.
+* ``encryption``: the cost of the payload codec, side by side: encode + decode of a
+  register_node operation input through the plaintext converter and through the encrypting one
+  (alternating rounds, medians), per payload, and per operation: times the number of payloads a
+  register_node history carries (counted in the committed golden history).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import aiobreaker
 import circuitbreaker
+from temporalio.converter import DataConverter
 from temporalio.worker import Worker
 
 from activities.resilience.breaker import CircuitBreaker
@@ -99,6 +104,67 @@ async def bench_breaker() -> dict[str, object]:
         "ratio_vs_aiobreaker": round(overhead["ours"] / overhead["aiobreaker"], 3),
         "ratio_vs_circuitbreaker": round(overhead["ours"] / overhead["circuitbreaker"], 3),
         "target_ratio_vs_aiobreaker": 0.5,
+    }
+
+
+# -- the payload codec: the same conversion with and without encryption ----------------------
+
+CODEC_CALLS_PER_ROUND = 2_000
+
+
+def _payloads_per_operation() -> int:
+    """Payloads (inputs, results, failures, memo) in the golden register_node history."""
+    history = (Path(__file__).parent / "histories" / "register_success.json").read_text()
+    return history.count('"metadata"')
+
+
+async def bench_encryption() -> dict[str, object]:
+    from contracts.operations_io import OperationInput
+    from tests.workflows.scenarios import CORRELATION_ID, plan, request
+    from workers.codec import PayloadKey, PayloadKeyring
+    from workers.converter import DATA_CONVERTER, encrypted_converter
+
+    value = OperationInput(
+        plan=plan(), request=request().model_dump(mode="json"), correlation_id=CORRELATION_ID
+    )
+    converters = {
+        "plaintext": DATA_CONVERTER,
+        "encrypted": encrypted_converter(PayloadKeyring((PayloadKey.generate("bench"),))),
+    }
+
+    def round_trip(converter: DataConverter) -> Callable[[], Awaitable[object]]:
+        async def call() -> object:
+            return await converter.decode(await converter.encode([value]), [OperationInput])
+
+        return call
+
+    variants = {name: round_trip(converter) for name, converter in converters.items()}
+    for call in variants.values():  # warm-up
+        await _time_calls(call, 200)
+    per_call: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(ROUNDS):
+        names = list(variants)
+        if round_index % 2:
+            names.reverse()
+        for name in names:
+            per_call[name].append(await _time_calls(variants[name], CODEC_CALLS_PER_ROUND))
+    plaintext = statistics.median(per_call["plaintext"])
+    encrypted = statistics.median(per_call["encrypted"])
+    overhead = max(encrypted - plaintext, 0.0)
+    payloads = _payloads_per_operation()
+    size = len((await converters["plaintext"].encode([value]))[0].data)
+    return {
+        "payload_bytes": size,
+        "calls_per_round": CODEC_CALLS_PER_ROUND,
+        "rounds": ROUNDS,
+        "round_trip_us": {
+            "plaintext": round(plaintext / 1000, 2),
+            "encrypted": round(encrypted / 1000, 2),
+        },
+        "overhead_per_payload_us": round(overhead / 1000, 2),
+        "payloads_per_register_node": payloads,
+        "overhead_per_operation_us": round(overhead * payloads / 1000, 1),
+        "ratio": round(encrypted / plaintext, 3),
     }
 
 
@@ -212,6 +278,7 @@ async def main() -> dict[str, object]:
         "python": sys.version.split()[0],
         "machine": platform.machine(),
         "breaker": await bench_breaker(),
+        "encryption": await bench_encryption(),
         "register_node": await bench_register_node(),
     }
 

@@ -32,7 +32,7 @@ from activities.resilience.sanitize import forget_secrets
 from activities.settings import KafkaSettings, PostgresSettings
 from contracts.search_attributes import SEARCH_ATTRIBUTES
 from tests.support import free_port
-from workers.converter import DATA_CONVERTER
+from workers.converter import build_data_converter
 from workers.devstack import DevStack, ServiceName, superuser_dsn
 from workers.settings import DevSettings, OnexSettings, TemporalSettings
 
@@ -51,10 +51,11 @@ def _binary(name: str) -> str:
 
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
-    """A real Temporal dev server for the whole session (no UI)."""
+    """A real Temporal dev server for the whole session (no UI), its client with the converter
+    the settings ask for (plaintext unless ONEX_CODEC__ENABLED)."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=_binary("temporal"),
-        data_converter=DATA_CONVERTER,
+        data_converter=await build_data_converter(OnexSettings()),
         identity="onex-tests",
         search_attributes=[SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES],
         dev_server_log_level="error",
@@ -70,7 +71,7 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     """The time-skipping test server: durable timers pass as fast as the workflow allows."""
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=_binary("temporal-test-server"),
-        data_converter=DATA_CONVERTER,
+        data_converter=await build_data_converter(OnexSettings()),
         identity="onex-tests",
     )
     # The test server starts without custom search attributes; workflows upsert ours.

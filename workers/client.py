@@ -49,6 +49,7 @@ from temporalio.common import (
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
+from activities.base import SecretSource
 from activities.resilience.correlation import ensure_correlation_id
 from contracts.errors import OperationError
 from contracts.node import NodeInput, NodeState, Submission, node_workflow_id
@@ -63,25 +64,29 @@ from contracts.operations_io import OperationInput, OperationResult, OperationSt
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from contracts.search_attributes import NODE_ID, operation_attributes
 from workers.contract_files import read_handlers, read_operations
-from workers.converter import DATA_CONVERTER
+from workers.converter import build_data_converter
 from workers.interceptors import CorrelationInterceptor
 from workers.settings import OnexSettings
 from workflows.node import NodeWorkflow
 from workflows.operation import OperationWorkflow, result_in_failure
 
 
-async def connect(settings: OnexSettings, *, runtime: Runtime | None = None) -> Client:
+async def connect(
+    settings: OnexSettings, *, runtime: Runtime | None = None, secrets: SecretSource | None = None
+) -> Client:
     """A Temporal client with the project's data converter and correlation interceptor.
 
-    Workers built from this client inherit the interceptor, so correlation ids flow from the
-    client through workflows into activity logs.
+    The converter is :func:`~workers.converter.build_data_converter`'s: encrypting when
+    ``settings.codec.enabled``, with the keys from ``secrets`` (or the configured secret store).
+    Workers built from this client inherit the converter and the interceptor, so correlation
+    ids flow from the client through workflows into activity logs.
     """
     temporal = settings.temporal
     api_key = temporal.api_key.get_secret_value() if temporal.api_key else None
     return await Client.connect(
         temporal.target,
         namespace=temporal.namespace,
-        data_converter=DATA_CONVERTER,
+        data_converter=await build_data_converter(settings, secrets=secrets),
         interceptors=[CorrelationInterceptor()],
         api_key=api_key,
         tls=TLSConfig() if temporal.tls or api_key else False,

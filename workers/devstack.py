@@ -9,6 +9,9 @@ reuse: a pid file whose process is gone, or is another process now, is stale and
 answer a real request (namespace describe, ``SELECT 1``, broker metadata) before a deadline, and on
 failure says which service failed, why, and where its log is. ``down`` stops exactly the processes
 ``up`` started and keeps the data; ``down(purge=True)`` deletes the state directory.
+
+With ``codec=True`` (``onex dev up --codec``) the stack also runs ``onex codec-server`` and starts
+the Temporal UI with its codec endpoint, so the UI shows encrypted payloads decoded.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class ServiceName(StrEnum):
     TEMPORAL = "temporal"
     POSTGRES = "postgres"
     KAFKA = "kafka"
+    CODEC = "codec"  # only with ``onex dev up --codec``
+
+
+CORE_SERVICES = (ServiceName.TEMPORAL, ServiceName.POSTGRES, ServiceName.KAFKA)
 
 
 class StackError(InfraPermanentError):
@@ -150,11 +157,17 @@ class Service(ABC):
     def endpoints(self) -> dict[str, str]:
         return {}
 
+    def environment(self) -> dict[str, str] | None:
+        """The child's environment; None inherits this process's."""
+        return None
+
 
 class TemporalService(Service):
     """The Temporal CLI dev server with its Web UI, persisted in a SQLite file."""
 
     name = ServiceName.TEMPORAL
+    # The UI's remote codec (``onex dev up --codec``), token included: set by DevStack.up.
+    codec_endpoint: str | None = None
 
     @property
     def address(self) -> str:
@@ -189,6 +202,8 @@ class TemporalService(Service):
         ]
         for attribute in SEARCH_ATTRIBUTES:
             command += ["--search-attribute", f"{attribute}=Keyword"]
+        if self.codec_endpoint is not None:
+            command += ["--ui-codec-endpoint", self.codec_endpoint]
         return command
 
     async def check(self) -> None:
@@ -424,6 +439,60 @@ class KafkaService(Service):
         return {"bootstrap_servers": self.settings.kafka.bootstrap_servers}
 
 
+class CodecService(Service):
+    """``onex codec-server`` for the embedded UI (``onex dev up --codec``).
+
+    Its keys and token come from the secret store as this process sees it (its environment is
+    inherited); its address and the UI origin from these settings.
+    """
+
+    name = ServiceName.CODEC
+    token: str = ""  # set by DevStack.up, for the health check
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.codec.host}:{self.settings.codec.port}"
+
+    def ports(self) -> list[tuple[str, int]]:
+        return [(self.settings.codec.host, self.settings.codec.port)]
+
+    def command(self) -> list[str]:
+        binary = _venv_binary("onex")
+        if binary is None:
+            raise BinaryNotFoundError("the `onex` command is not installed beside this Python")
+        return [str(binary), "codec-server"]
+
+    def environment(self) -> dict[str, str]:
+        from workers.codec_server import ui_origin
+
+        codec = self.settings.codec
+        return {
+            **os.environ,
+            "ONEX_CODEC__HOST": codec.host,
+            "ONEX_CODEC__PORT": str(codec.port),
+            "ONEX_CODEC__UI_ORIGIN": ui_origin(self.settings),
+        }
+
+    async def check(self) -> None:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=5)
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(f"{self.url}/decode", json={"payloads": []}, headers=headers) as answer,
+        ):
+            if answer.status != 200:
+                raise ServiceStartError(f"the codec server answered HTTP {answer.status}")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def endpoints(self) -> dict[str, str]:
+        return {"url": self.url}
+
+
 async def _http_ok(url: str) -> None:
     import aiohttp
 
@@ -473,6 +542,7 @@ SERVICE_TYPES: dict[ServiceName, type[Service]] = {
     ServiceName.TEMPORAL: TemporalService,
     ServiceName.POSTGRES: PostgresService,
     ServiceName.KAFKA: KafkaService,
+    ServiceName.CODEC: CodecService,
 }
 
 
@@ -499,10 +569,16 @@ class DevStack:
         self,
         settings: OnexSettings,
         *,
-        services: Sequence[ServiceName] = tuple(ServiceName),
+        services: Sequence[ServiceName] = CORE_SERVICES,
+        codec: bool = False,
     ) -> None:
         self.settings = settings
         self.state_dir = settings.dev.state_dir.resolve()
+        # A codec server started by an earlier `up --codec` is stopped and shown like the rest.
+        started_before = self._pid_path(ServiceName.CODEC).exists()
+        if (codec or started_before) and ServiceName.CODEC not in services:
+            services = (*services, ServiceName.CODEC)
+        self.codec = codec
         self.services: dict[ServiceName, Service] = {
             name: SERVICE_TYPES[name](settings, self.state_dir) for name in services
         }
@@ -550,6 +626,8 @@ class DevStack:
 
     async def up(self) -> list[ServiceStatus]:
         """Start what is not running, wait until everything is healthy, provision it."""
+        if self.codec:
+            await self._wire_codec()
         with self._locked():
             (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
             started: dict[ServiceName, subprocess.Popen[bytes]] = {}
@@ -566,6 +644,30 @@ class DevStack:
             for service in self.services.values():
                 await service.provision()
         return self.status()
+
+    async def _wire_codec(self) -> None:
+        """Point the UI at the codec server, the token in the path (the UI sends no header).
+
+        The endpoint is in the Temporal server's arguments: a Temporal already running without
+        it must be stopped first, or its UI would never decode.
+        """
+        from workers.codec import resolve_secret
+        from workers.codec_server import CODEC_TOKEN_SECRET
+
+        token = (await resolve_secret(self.settings, CODEC_TOKEN_SECRET)).get_secret_value()
+        codec = self.services[ServiceName.CODEC]
+        if not isinstance(codec, CodecService):
+            raise StackError("the codec service of the stack is not a codec server")
+        codec.token = token
+        temporal = self.services.get(ServiceName.TEMPORAL)
+        if isinstance(temporal, TemporalService):
+            temporal.codec_endpoint = f"{codec.url}/{token}"
+            running = self.running_process(ServiceName.TEMPORAL)
+            if running is not None and "--ui-codec-endpoint" not in running.cmdline():
+                raise StackError(
+                    "Temporal is running without the UI codec endpoint: run `onex dev down`, "
+                    "then `onex dev up --codec`"
+                )
 
     def _start(self, service: Service) -> subprocess.Popen[bytes]:
         command = service.command()  # resolves the binary first: a missing one is the clearer error
@@ -587,6 +689,7 @@ class DevStack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=service.data_dir,
+                env=service.environment(),
                 start_new_session=True,
                 **_identity(service.run_as()),
             )
@@ -680,6 +783,7 @@ def _port_setting(name: ServiceName) -> str:
         ServiceName.TEMPORAL: "ONEX_TEMPORAL__PORT / ONEX_TEMPORAL__UI_PORT",
         ServiceName.POSTGRES: "ONEX_POSTGRES__PORT",
         ServiceName.KAFKA: "ONEX_KAFKA__BOOTSTRAP_SERVERS",
+        ServiceName.CODEC: "ONEX_CODEC__PORT",
     }[name]
 
 

@@ -1,9 +1,10 @@
 """``onex worker``: the composition root.
 
-settings → logging → secret resolver → breakers → handlers from contracts (each given its own
-settings section and the secrets it declares, then initialized, which connects its clients) →
-one activity per (handler, operation) named ``<handler>.<operation>`` behind the activity
-boundary → the Temporal worker (pydantic data converter, correlation interceptor) → the
+settings → logging → secret resolver → client (its data converter encrypting when
+``ONEX_CODEC__ENABLED``, keys from the resolver) → breakers → handlers from contracts (each
+given its own settings section and the secrets it declares, then initialized, which connects its
+clients) → one activity per (handler, operation) named ``<handler>.<operation>`` behind the activity
+boundary → the Temporal worker (the client's data converter, correlation interceptor) → the
 background services the handlers declare (the outbox relay) and the host's own (Vault token
 renewal), each supervised: one that fails or returns early is logged and restarted, after 1 s
 doubling up to 30 s. The host knows no handler class: what runs beside the activities comes from
@@ -371,7 +372,7 @@ def _skipping(
 
 
 async def build_host(settings: OnexSettings, *, workflows: Sequence[type] = ()) -> WorkerHost:
-    """The composition root: client, secret resolver (and Vault), then the host itself."""
+    """The composition root: secret resolver (and Vault), client, then the host itself."""
     from activities.vault import build_secret_resolver
     from workers.client import connect
 
@@ -382,8 +383,14 @@ async def build_host(settings: OnexSettings, *, workflows: Sequence[type] = ()) 
                 metrics=PrometheusConfig(bind_address=settings.worker.metrics_address)
             )
         )
-    client = await connect(settings, runtime=runtime)
+    # The resolver first: the client's converter takes its payload keys from it.
     resolver, vault = await build_secret_resolver(settings)
+    try:
+        client = await connect(settings, runtime=runtime, secrets=resolver)
+    except BaseException:
+        if vault is not None:
+            vault.close()
+        raise
     host = WorkerHost(settings, client, secrets=resolver, workflows=workflows)
     if vault is not None:
         host.background_services.append(vault.keep_token_fresh)

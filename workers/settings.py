@@ -2,7 +2,7 @@
 
 The backend sections (PostgreSQL, Kafka, Consul, Vault, secrets) are defined beside the
 handlers, in :mod:`activities.settings`; this module adds the process's own sections (Temporal,
-worker, dev stack) and composes them all into :class:`OnexSettings`.
+worker, dev stack, payload codec) and composes them all into :class:`OnexSettings`.
 
 Every value comes from an environment variable named ``ONEX_<SECTION>__<KEY>`` (for example
 ``ONEX_POSTGRES__PORT=5433``) or from a ``.env`` file in the working directory. The defaults point
@@ -90,6 +90,23 @@ class DevSettings(Section):
     kafka_bin: Path | None = None
 
 
+class CodecSettings(Section):
+    """Payload encryption and ``onex codec-server`` (docs/security.md).
+
+    ``enabled`` turns AES-256-GCM encryption on for every client, worker and replay of this
+    process; its keys are the secret ``temporal.payload_key`` and the codec server's token the
+    secret ``temporal.codec_token`` (both resolved through ``ONEX_SECRETS__SOURCES``).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: Port = 8089
+    # The Temporal UI's origin, allowed by CORS; by default the embedded UI (temporal.ui_url).
+    ui_origin: str | None = Field(default=None, pattern=r"^https?://[^/\s]+$")
+    # A larger request body is refused (413) before it is read.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
+
+
 class OnexSettings(BaseSettings):
     """Everything a process of this project can be told, grouped by the part it configures."""
 
@@ -109,6 +126,7 @@ class OnexSettings(BaseSettings):
     secrets: SecretsSettings = SecretsSettings()
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()
+    codec: CodecSettings = CodecSettings()
 
     def section(self, kind: type[S]) -> S:
         """The one section of type ``kind`` (what a handler's ``settings_type`` asks for)."""

@@ -38,6 +38,7 @@ COMMANDS = [
     ["dev", "logs"],
     ["demo"],
     ["worker"],
+    ["codec-server"],
     ["register-node"],
     ["deregister-node"],
     ["retry"],

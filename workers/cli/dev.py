@@ -60,7 +60,20 @@ def _print_statuses(statuses: list[ServiceStatus], *, as_json: bool) -> None:
 
 
 @dev_app.command("up")
-def dev_up(as_json: JsonOption = False) -> None:
+def dev_up(
+    as_json: JsonOption = False,
+    codec: Annotated[
+        bool,
+        typer.Option(
+            "--codec",
+            help=(
+                "Also run `onex codec-server` and wire the UI to it, so that it shows encrypted "
+                "payloads decoded (needs the secrets temporal.payload_key and "
+                "temporal.codec_token; see docs/security.md)."
+            ),
+        ),
+    ] = False,
+) -> None:
     """Start the stack in the background and wait until every service answers.
 
     Idempotent: services already running are reused. Each service must answer a real request
@@ -68,10 +81,10 @@ def dev_up(as_json: JsonOption = False) -> None:
     ONEX_DEV__START_TIMEOUT seconds; otherwise the error names the service, why it failed and
     where its log is. The database, role and Kafka topic catalog are created if missing.
 
-    Example: onex dev up
+    Examples: onex dev up ; onex dev up --codec (with ONEX_CODEC__ENABLED=true for the worker)
     """
     settings = settings_or_exit()
-    stack = DevStack(settings)
+    stack = DevStack(settings, codec=codec)
     started = time.monotonic()
     if not as_json:
         err_console.print(f"starting the embedded stack under {stack.state_dir} ...")

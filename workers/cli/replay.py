@@ -26,10 +26,14 @@ def replay_command(
 ) -> None:
     """Replay recorded histories against the current workflow code (non-determinism check).
 
+    With ONEX_CODEC__ENABLED, encrypted histories are decrypted with the keys of the secret
+    temporal.payload_key; plaintext histories replay either way.
+
     Examples: onex replay tests/histories/ ;
     onex replay --query "OnexOperation='register_node' AND CloseTime > '2026-01-01T00:00:00Z'"
     """
-    from workers.replay import replay_files, replay_query
+    from workers.converter import build_data_converter
+    from workers.replay import ReplayOutcome, replay_files, replay_query
 
     if (source is None) == (query is None):
         fail(ExitCode.BAD_INPUT, "give a history file or directory, or --query (one of them)")
@@ -37,7 +41,13 @@ def replay_command(
         path = Path(source)
         if not path.exists():
             fail(ExitCode.NOT_FOUND, f"{source} does not exist")
-        outcomes = run_async(lambda: replay_files(path))
+        settings = settings_or_exit()
+
+        async def replay() -> list[ReplayOutcome]:
+            converter = await build_data_converter(settings)
+            return await replay_files(path, data_converter=converter)
+
+        outcomes = run_async(replay)
     else:
         settings = settings_or_exit()
         outcomes = with_client(settings, lambda client: replay_query(client, query or ""))
