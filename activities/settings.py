@@ -14,9 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+
+from contracts.credentials import find_credential
 
 __all__ = [
+    "Address",
     "ConsulSettings",
     "KafkaSettings",
     "Port",
@@ -28,6 +31,22 @@ __all__ = [
 ]
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _no_credentials(value: str) -> str:
+    """An address never carries a credential: it is printed, logged and shown in errors."""
+    # "@" alone is enough: "user:pw@host" needs no scheme, and the password may hold anything.
+    if "@" in value or find_credential(value) is not None:
+        # The message names no value: settings errors name the variable, never what it holds.
+        raise ValueError(
+            "holds userinfo or a credential (user:password@); an address must not: set the "
+            "credential in its own setting (a password, token or SASL setting, or a secret)"
+        )
+    return value
+
+
+Address = Annotated[str, AfterValidator(_no_credentials)]
+"""A host, ``host:port``, URL or comma-separated list of them, refused if it holds userinfo."""
 Seconds = Annotated[float, Field(gt=0)]
 
 
@@ -40,7 +59,7 @@ class Section(BaseModel):
 class PostgresSettings(Section):
     """The registry database (SPEC §5): one DSN, a pool of 2..10, explicit timeouts."""
 
-    host: str = "127.0.0.1"
+    host: Address = "127.0.0.1"
     port: Port = 5432
     database: str = Field(default="onex", min_length=1)
     user: str = Field(default="onex", min_length=1)
@@ -59,7 +78,7 @@ class PostgresSettings(Section):
 class KafkaSettings(Section):
     """The event stream: producers use ``acks=all``; idempotence is off for the embedded broker."""
 
-    bootstrap_servers: str = "127.0.0.1:9092"
+    bootstrap_servers: Address = "127.0.0.1:9092"
     client_id: str = "onex-orchestrator"
     topic_prefix: str = ""
     enable_idempotence: bool = False
@@ -74,7 +93,7 @@ class KafkaSettings(Section):
 class ConsulSettings(Section):
     """The service catalog; disabled (steps skipped, and reported so) when no address is set."""
 
-    address: str | None = None
+    address: Address | None = None
     scheme: Literal["http", "https"] = "http"
     datacenter: str | None = None
     token: SecretStr | None = None
@@ -92,7 +111,7 @@ class ConsulSettings(Section):
 class VaultSettings(Section):
     """The secret store; opt-in: enabled when ``address`` is set."""
 
-    address: str | None = None
+    address: Address | None = None
     token: SecretStr | None = None
     role_id: str | None = None
     secret_id: SecretStr | None = None

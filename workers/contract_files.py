@@ -10,10 +10,15 @@ imports a backend library. The reading rules (SPEC §3.1), each refusal a
   resolved form and sorted, so the order never depends on the file system;
 * a directory holding both ``handler_contract.yaml`` and ``contract.yaml`` is ambiguous and
   loads neither (040); one bad contract never stops the others;
-* the size is checked before reading (over 10 MiB: 005), YAML is parsed with ``safe_load`` only
-  (so ``!!python/object`` tags are refused: 002), then validated against the schema (003/004);
+* at most 10 MiB + 1 byte is read, so a file that grows or lies about its size is still refused
+  (005); YAML is parsed by a safe loader only (so ``!!python/object`` tags are refused: 002)
+  that also refuses anchors and aliases and bounds the nesting depth and the node count (017):
+  a few hundred bytes of nested aliases otherwise expand to a billion nodes; then the document
+  is validated against the schema (003/004);
 * a value that looks like a credential is refused (016): contracts are code, not secrets;
-* a handler or operation name declared twice is refused the second time (015).
+* a handler or operation name declared twice is refused the second time (015);
+* any other exception while reading one contract is a refusal of that contract (018), never a
+  crash of the loader.
 
 Messages name a contract by its name or by its path relative to the directory it was found
 under, never by an absolute path.
@@ -37,6 +42,10 @@ from contracts.handler_contract import HandlerContract
 from contracts.operation_contract import OperationContract
 
 MAX_CONTRACT_BYTES = 10 * 1024 * 1024
+# Far beyond any real contract (they nest four or five levels and hold a few hundred nodes), far
+# below what makes a recursive walk or pydantic slow.
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000
 HANDLER_FILE_NAMES = ("handler_contract.yaml", "contract.yaml")
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -59,6 +68,8 @@ class LoaderCode(StrEnum):
     OPERATION_NOT_IMPLEMENTED = "HANDLER_LOADER_014"
     DUPLICATE_HANDLER = "HANDLER_LOADER_015"
     SECRET_IN_CONTRACT = "HANDLER_LOADER_016"  # noqa: S105 - a code, not a password
+    YAML_TOO_COMPLEX = "HANDLER_LOADER_017"
+    UNEXPECTED_ERROR = "HANDLER_LOADER_018"
     DIRECTORY_NOT_FOUND = "HANDLER_LOADER_020"
     PERMISSION_DENIED = "HANDLER_LOADER_021"
     NOT_A_DIRECTORY = "HANDLER_LOADER_022"
@@ -203,39 +214,92 @@ _CREDENTIAL_VALUE = re.compile(
 )
 
 
-def read_contract(source: ContractFile, model: type[ModelT]) -> ModelT:
-    """Read, parse and validate one contract file, or raise a coded HandlerLoadError."""
+class _TooComplex(yaml.YAMLError):
+    """A document the bounded loader refuses to build; ``problem`` says why, for the message."""
+
+    def __init__(self, problem: str, mark: Any) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+class _BoundedSafeLoader(yaml.SafeLoader):
+    """``SafeLoader`` without anchors or aliases, and with a bounded depth and node count.
+
+    Contracts have no use for anchors; refusing them outright is simpler to reason about than
+    counting expansions. The bounds keep a deeply nested flow sequence from exhausting the
+    recursion limit in the composer or in the credential scan.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            refused = "anchors and aliases (&name, *name) are not accepted"
+            raise _TooComplex(refused, event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _TooComplex(f"more than {MAX_YAML_NODES} YAML nodes", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _TooComplex(f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_bounded(source: ContractFile) -> bytes:
     display = source.display
     try:
-        size = source.path.stat().st_size
+        with source.path.open("rb") as handle:
+            # One byte past the limit tells "exactly at the limit" from "over it" without trusting
+            # stat, which a growing file or a special file gets wrong.
+            data = handle.read(MAX_CONTRACT_BYTES + 1)
     except FileNotFoundError:
         raise loader_error(LoaderCode.FILE_NOT_FOUND, display, f"{display} disappeared") from None
-    except OSError:
-        raise loader_error(LoaderCode.STAT_FAILED, display, f"cannot stat {display}") from None
-    if size > MAX_CONTRACT_BYTES:
-        raise loader_error(
-            LoaderCode.FILE_TOO_LARGE,
-            display,
-            f"{display} is {size} bytes; contracts are limited to {MAX_CONTRACT_BYTES} bytes",
-        )
-    try:
-        text = source.path.read_text(encoding="utf-8")
     except PermissionError:
         raise loader_error(
             LoaderCode.PERMISSION_DENIED, display, f"cannot read {display}"
         ) from None
-    except (OSError, UnicodeDecodeError):
+    except OSError:
+        raise loader_error(LoaderCode.READ_FAILED, display, f"cannot read {display}") from None
+    if len(data) > MAX_CONTRACT_BYTES:
+        raise loader_error(
+            LoaderCode.FILE_TOO_LARGE,
+            display,
+            f"{display} is larger than {MAX_CONTRACT_BYTES} bytes, the limit for a contract",
+        )
+    return data
+
+
+def read_contract(source: ContractFile, model: type[ModelT]) -> ModelT:
+    """Read, parse and validate one contract file, or raise a coded HandlerLoadError."""
+    display = source.display
+    try:
+        text = _read_bounded(source).decode("utf-8")
+    except UnicodeDecodeError:
         raise loader_error(
             LoaderCode.READ_FAILED, display, f"cannot read {display} as UTF-8 text"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_BoundedSafeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or "not valid YAML"
+        if isinstance(exc, _TooComplex):
+            raise loader_error(
+                LoaderCode.YAML_TOO_COMPLEX,
+                display,
+                f"{display}: {problem}{where}; write the values out in plain YAML",
+            ) from None
         raise loader_error(
             LoaderCode.INVALID_YAML,
             display,
@@ -259,6 +323,26 @@ def read_contract(source: ContractFile, model: type[ModelT]) -> ModelT:
         missing = [e for e in exc.errors() if e["type"] == "missing"]
         code = LoaderCode.MISSING_FIELDS if missing else LoaderCode.SCHEMA_INVALID
         raise loader_error(code, display, f"{display}: {_describe(exc)}") from None
+
+
+def read_contract_or_refusal(
+    source: ContractFile, model: type[ModelT]
+) -> ModelT | HandlerLoadError:
+    """:func:`read_contract`, with any exception turned into a coded refusal of this contract.
+
+    A bug or an exotic input in one contract must cost that contract, not every other one.
+    """
+    try:
+        return read_contract(source, model)
+    except HandlerLoadError as refused:
+        return refused
+    except Exception as exc:  # the point: nothing escapes per contract
+        return loader_error(
+            LoaderCode.UNEXPECTED_ERROR,
+            source.display,
+            f"{source.display}: reading it raised {type(exc).__name__}; "
+            "check that it is a plain YAML mapping",
+        )
 
 
 def _credential_in(data: Any, path: str = "") -> str | None:
@@ -309,10 +393,9 @@ def _read_all(
     files, errors = discover(paths, handlers=handlers)
     report: ReadReport[ModelT] = ReadReport(refused=list(errors))
     for source in files:
-        try:
-            contract = read_contract(source, model)
-        except HandlerLoadError as refused:
-            report.refused.append(refused)
+        contract = read_contract_or_refusal(source, model)
+        if isinstance(contract, HandlerLoadError):
+            report.refused.append(contract)
             continue
         name = name_of(contract)
         if name in report.contracts:

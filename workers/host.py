@@ -46,7 +46,7 @@ from activities.resilience.breaker import (
     log_state_change,
 )
 from activities.resilience.sanitize import sanitize_exception
-from contracts.errors import HandlerLoadError, InfraPermanentError, Transport
+from contracts.errors import HandlerLoadError, InfraError, InfraPermanentError, Transport
 from contracts.registry import SkippedResult
 from workers.loader import LoadedHandler, load_handlers
 from workers.settings import OnexSettings, SettingsError
@@ -183,8 +183,11 @@ class WorkerHost:
         except HandlerLoadError:
             raise
         except Exception as exc:
+            # Sanitize once: the error tree's messages are written to be shown (and sanitized
+            # where they are built); only a foreign exception's text is sanitized here.
+            shown = str(exc) if isinstance(exc, InfraError) else sanitize_exception(exc)
             raise WorkerStartError(
-                f"handler {contract.handler_name!r} failed to initialize: {sanitize_exception(exc)}"
+                f"handler {contract.handler_name!r} failed to initialize: {shown}"
             ) from None
         hosted = HostedHandler(loaded, instance)
         description = instance.describe()

@@ -7,7 +7,8 @@ refusal a :class:`HandlerLoadError` with a stable code:
 * the class path must sit under an allowlisted namespace, checked **before** anything is
   imported (013); ``foo.`` matches ``foo.x`` and never ``foobar.x``;
 * the class must exist (010/011/012) and have every member of the handler protocol plus one
-  coroutine method per declared operation (006/014).
+  coroutine method per declared operation (006/014);
+* any other exception while checking one class refuses that handler only (018).
 
 Messages name a handler by its name, never by an absolute path, and never carry an import
 traceback.
@@ -164,6 +165,16 @@ def load_handlers(
             handler_class = load_handler_class(contract, allowed_namespaces)
         except HandlerLoadError as refused:
             report.refused.append(refused)
+            continue
+        except Exception as exc:  # a hostile class (a raising metaclass __getattr__, say)
+            # costs its own handler, never the others
+            report.refused.append(
+                loader_error(
+                    LoaderCode.UNEXPECTED_ERROR,
+                    name,
+                    f"handler {name!r}: checking {contract.class_name} raised {type(exc).__name__}",
+                )
+            )
             continue
         report.loaded.append(LoadedHandler(contract, handler_class, read.sources[name]))
     return report

@@ -75,6 +75,25 @@ class _HeldRecords(logging.Handler):
             self.target.handle(self.records.popleft())
 
 
+def _library_formatter(renderer: structlog.types.Processor) -> logging.Formatter:
+    """Renders a standard-library record (message merged with its args) sanitized."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _sanitized,  # before rendering: a library's traceback is summarized, not shown
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+
+
+def render_library_record(record: logging.LogRecord) -> str:
+    """The JSON line a library's record becomes on standard error (for tests and checks)."""
+    return _library_formatter(structlog.processors.JSONRenderer()).format(record)
+
+
 # The handler this module put on the root logger, replaced (and only it) by each configuration:
 # others (a test runner's capture) stay.
 _installed: logging.Handler | None = None
@@ -113,18 +132,7 @@ def configure_logging(
     )
 
     stream = _StderrHandler()
-    stream.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[
-                structlog.stdlib.add_logger_name,
-                structlog.contextvars.merge_contextvars,
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                _sanitized,  # before rendering: a library's traceback is summarized, not shown
-            ],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
-    )
+    stream.setFormatter(_library_formatter(renderer))
     root = logging.getLogger()
     if _installed is not None:
         root.removeHandler(_installed)

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from activities.resilience.sanitize import register_secret
 from activities.settings import (
+    Address,
     ConsulSettings,
     KafkaSettings,
     Port,
@@ -44,7 +45,7 @@ S = TypeVar("S", bound=BaseModel)
 class TemporalSettings(Section):
     """Where the Temporal frontend is and how workflows are addressed."""
 
-    host: str = "127.0.0.1"
+    host: Address = "127.0.0.1"
     port: Port = 7233
     ui_port: Port = 8233
     namespace: str = Field(default="default", min_length=1)

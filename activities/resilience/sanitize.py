@@ -7,29 +7,44 @@ credential into a log line or into Temporal history (visible in the UI forever) 
   credential becomes :data:`GENERIC_MESSAGE`, followed by the first allowlisted phrase it
   contains (``connection refused``, ``timeout``, ...) so that operators still learn what happened.
 * Secrets read at start-up are registered with :func:`register_secret`; every text that goes
-  through :func:`sanitize_text` has them scrubbed, whether or not anything else looks suspicious.
-* A text is suspicious when its lower-cased form contains a credential marker (``password``,
-  ``token``, ``bearer``, ``-----begin``, a URL with userinfo, a database or broker URL scheme, a
-  JWT, ...). Markers over-match on purpose: "token expired" is hidden too, its phrase is not.
+  through :func:`sanitize_text` has them scrubbed, whether or not anything else looks suspicious,
+  in every form a secret travels in (URL-quoted three ways, JSON-escaped, ``repr`` of text or
+  bytes, base64 at any alignment, so inside HTTP Basic ``user:pw`` too). A secret of any length
+  is scrubbed; one shorter than :data:`MIN_SUBSTRING_LENGTH` only as a whole token, so that a
+  two-letter secret does not eat every word that contains those letters.
+* A text is suspicious when one of the credential detectors of :mod:`contracts.credentials`
+  matches it (``password=x``, ``user:pw@host``, a token or key shape, a PEM block, ...), after
+  NFKC normalization, zero-width removal, look-alike folding, URL-decoding and JSON-unescaping.
+  The detectors look for a credential's shape, not for words: the product's operation names
+  (``lookup_token``), class names (``SecretResolutionError``) and guidance ("set
+  ONEX_VAULT__TOKEN") pass unchanged, so the message that tells a user what to do survives.
+  The same detectors refuse credentials in request fields, so the two always agree.
 * Mapping keys are matched against a narrower pattern (a key names a field; it is not prose):
-  ``auth`` counts only as a whole segment (``basic_auth``, ``auth-header``), so ``author`` is kept,
-  and the bare ``key`` of a Kafka message is never redacted. Each container level (mapping, list,
-  tuple, set) counts towards :data:`MAX_DEPTH`; deeper ones are replaced, which also ends cycles.
-* DSNs keep scheme, host, port and database; any userinfo becomes ``***:***``; query and fragment
-  are dropped (``?password=`` is common); anything ambiguous is redacted whole.
+  short words (``auth``, ``pw``, ``pin``, ``otp``) count only as a whole segment (``basic_auth``,
+  ``auth-header``), so ``author`` and ``spinner`` are kept, and the bare ``key`` of a Kafka
+  message is never redacted. A pair given as a list (``[["password", x]]``, header lists) is
+  redacted like a mapping entry. Each container level (mapping, list, tuple, set) counts
+  towards :data:`MAX_DEPTH`; deeper ones are replaced, which also ends cycles.
+* DSNs keep scheme, host, port and database; any userinfo becomes ``***:***``; query, fragment
+  and ``;``-parameters are dropped (``?password=`` and ``;password=`` are common); anything
+  ambiguous is redacted whole.
 * An exception is shown as ``Type: message``; if anything in its cause/context chain looks
   suspicious, its own message is replaced too, since wrappers often echo their cause.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
+
+from contracts.credentials import credential_key, find_credential, normalize, variants
 
 REDACTED = "<redacted>"
 GENERIC_MESSAGE = "[REDACTED - potentially sensitive data]"
@@ -39,41 +54,8 @@ MAX_DEPTH = 10
 DSN_REDACTED = "<connection-string-redacted>"
 TRUNCATED_SUFFIX = "... [truncated]"
 DEPTH_EXCEEDED: dict[str, Any] = {"<truncated>": "max depth exceeded"}
-# Shorter values are ordinary words or numbers: scrubbing them would mangle every message.
-MIN_SECRET_LENGTH = 4
-
-# SAN-12 in full (some contain others, so the list reads against the spec), matched as
-# substrings of the lower-cased text.
-_MARKER_WORDS = (
-    "password", "passwd", "secret", "token", "api_key", "apikey", "api-key", "access_key",
-    "private_key", "ssh_key", "client_secret", "credential", "bearer", "authorization",
-    "session_id", "connection_string", "conn_str", "aws_secret", "aws_access", "vault_token",
-    "x-vault-token", "consul_token", "consul_http_token", "x-consul-token", "db_password",
-    "pgpassword", "mysql_pwd", "-----begin", "-----end",
-    "postgres://", "postgresql://", "mysql://", "mongodb://", "mongodb+srv://", "redis://",
-    "rediss://", "valkey://", "amqp://", "amqps://", "kafka://",
-)  # fmt: skip
-# Repetitions are bounded, or anchored at the start of a run, so that a long message (a base64
-# blob, a minified payload) costs linear time rather than quadratic.
-_MARKERS = re.compile(
-    "|".join(map(re.escape, _MARKER_WORDS))
-    # "pwd" is short enough to occur inside other words: only on its own.
-    + r"|(?<![a-z0-9])pwd(?![a-z0-9])"
-    # Userinfo in any scheme; anything up to an "@" counts, since passwords may hold "/".
-    + r"|[a-z][a-z0-9+.\-]{0,31}://[^\s@]{0,512}@"
-    # A JWT starts with a base64url-encoded '{"': its header is a bearer token by itself.
-    + r"|(?<![a-z0-9_\-])eyj[a-z0-9_\-]{8,}\.[a-z0-9_\-]{8,}"
-)
-
-_SEP = r"[_\-. ]?"
-_SECRET_KEY = re.compile(
-    rf"passw(?:or)?d|passphrase|pwd|secret|token|api{_SEP}key|access{_SEP}key|credential"
-    rf"|private{_SEP}key|authorization|cookie|session{_SEP}id|dsn|connection{_SEP}string"
-    rf"|credit{_SEP}card|card{_SEP}number"
-    # Short words only as whole segments: "author", "classname" are not secrets.
-    r"|(?<![a-z])(?:auth|ssn)(?![a-z])",
-    re.IGNORECASE,
-)
+# A registered secret shorter than this is scrubbed only as a whole token (not inside a word).
+MIN_SUBSTRING_LENGTH = 4
 
 # SAN-14: checked in this order, so that the most specific phrase wins ("host not found").
 SAFE_PHRASES = (
@@ -93,21 +75,69 @@ _secrets: frozenset[str] = frozenset()
 _secrets_pattern: re.Pattern[str] | None = None
 
 
+def _base64_fragments(raw: bytes) -> Iterator[str]:
+    """The base64 characters determined by ``raw`` alone, at each of the three alignments.
+
+    ``raw`` inside a longer value (HTTP Basic ``user:pw``) encodes to one of these, whatever
+    precedes it; the characters that mix in a neighbouring byte are left out.
+    """
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode()
+        first = -(-8 * offset // 6)  # ceil: the first character holding only bytes of raw
+        last = (8 * (offset + len(raw))) // 6  # the characters before it hold only raw's bits
+        fragment = encoded[first:last]
+        yield fragment
+        yield fragment.replace("+", "-").replace("/", "_")  # the URL-safe alphabet
+
+
+def _encodings(raw: str) -> set[str]:
+    """Every form of ``raw`` that a message, a URL, a JSON document or a repr may carry."""
+    forms = {
+        raw,
+        normalize(raw),
+        quote(raw, safe=""),
+        quote(raw),  # keeps "/"
+        quote_plus(raw),
+        json.dumps(raw)[1:-1],
+        json.dumps(raw, ensure_ascii=False)[1:-1],
+        repr(raw)[1:-1],
+        repr(raw.encode())[2:-1],
+    }
+    if len(raw) >= MIN_SUBSTRING_LENGTH:
+        forms.update(_base64_fragments(raw.encode()))
+    else:  # too short for a fragment to mean anything: only its own encoding, as a token
+        forms.add(base64.b64encode(raw.encode()).decode().rstrip("="))
+    return {form for form in forms if form}
+
+
+def _compile(secrets: frozenset[str]) -> re.Pattern[str] | None:
+    if not secrets:
+        return None
+    forms = {form for secret in secrets for form in _encodings(secret)}
+    # Longest first, so that a secret containing another is scrubbed whole.
+    ordered = sorted(forms, key=lambda form: (-len(form), form))
+    alternatives = [
+        re.escape(form)
+        if len(form) >= MIN_SUBSTRING_LENGTH
+        else rf"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])"
+        for form in ordered
+    ]
+    return re.compile("|".join(alternatives))
+
+
 def register_secret(value: str | SecretStr | None) -> None:
     """Remember a secret value process-wide so sanitize_text scrubs any occurrence of it.
 
-    Values shorter than 4 characters are ignored (they would redact ordinary words). The
-    URL-quoted form is remembered too, since DSNs carry passwords quoted. Thread-safe.
+    Any non-empty value counts, in every encoding (see the module docstring); one shorter than
+    :data:`MIN_SUBSTRING_LENGTH` is matched only as a whole token. Thread-safe.
     """
     global _secrets, _secrets_pattern
     raw = value.get_secret_value() if isinstance(value, SecretStr) else value
-    if raw is None or len(raw) < MIN_SECRET_LENGTH:
+    if not raw:
         return
     with _secrets_lock:
-        secrets = _secrets | {raw, quote(raw, safe="")}
-        # Longest first, so that a secret containing another is scrubbed whole.
-        ordered = sorted(secrets, key=len, reverse=True)
-        _secrets_pattern = re.compile("|".join(map(re.escape, ordered)))
+        secrets = _secrets | {raw}
+        _secrets_pattern = _compile(secrets)
         _secrets = secrets
 
 
@@ -124,10 +154,11 @@ def _scrub_registered(text: str) -> str:
 
 
 def _is_suspicious(text: str) -> bool:
+    """A registered secret in any decoded form of ``text``, or a credential detector matches."""
     pattern = _secrets_pattern
-    if pattern is not None and pattern.search(text):
+    if pattern is not None and any(pattern.search(form) for form in [text, *variants(text)]):
         return True
-    return _MARKERS.search(text.lower()) is not None
+    return find_credential(text) is not None
 
 
 def _printable(value: Any, render: Callable[[Any], str] = str) -> str:
@@ -157,12 +188,15 @@ def safe_phrase(text: str) -> str | None:
 
 
 def sanitize_text(text: str, *, max_length: int = MAX_MESSAGE_LENGTH) -> str:
-    """Scrub registered secrets, hide the whole text if it holds a marker, cut it at max_length."""
+    """Scrub registered secrets, hide the whole text if it holds a credential, cut it at max_length.
+
+    Text without a credential comes out unchanged (but for the length).
+    """
     if max_length < len(TRUNCATED_SUFFIX):
         raise ValueError(f"max_length must be at least {len(TRUNCATED_SUFFIX)}, not {max_length}")
     text = _scrub_registered(text)
-    if _MARKERS.search(text.lower()):
-        return _generic(text, max_length)
+    if _is_suspicious(text):  # a disguised registered secret, or an unknown credential
+        return _generic(normalize(text), max_length)
     return _truncate(text, max_length)
 
 
@@ -220,7 +254,9 @@ def mask_dsn(dsn: str) -> str:
         return DSN_REDACTED
     _userinfo, at, hostport = parts.netloc.rpartition("@")
     netloc = f"***:***@{hostport}" if at else hostport
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    # ";password=..." parameters (JDBC, some drivers) live in the path.
+    path = parts.path.split(";", 1)[0]
+    return f"{parts.scheme}://{netloc}{path}"
 
 
 def _redact_value(value: Any, depth: int) -> Any:
@@ -230,6 +266,9 @@ def _redact_value(value: Any, depth: int) -> Any:
         return dict(DEPTH_EXCEEDED)
     if isinstance(value, Mapping):
         return _redact(value, depth)
+    if isinstance(value, (list, tuple)) and _is_secret_pair(value):
+        pair = [_scrub_registered(_printable(value[0])), REDACTED]
+        return tuple(pair) if isinstance(value, tuple) else pair
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [_redact_value(item, depth + 1) for item in value]
         return tuple(items) if isinstance(value, tuple) else items
@@ -237,6 +276,11 @@ def _redact_value(value: Any, depth: int) -> Any:
         return value
     # Anything else (UUIDs, datetimes, bytes, objects) is shown as text, under the text rules.
     return sanitize_text(_printable(value))
+
+
+def _is_secret_pair(value: list[Any] | tuple[Any, ...]) -> bool:
+    """A ``[name, value]`` pair whose name is a credential key: headers given as a list."""
+    return len(value) == 2 and isinstance(value[0], str) and is_secret_key(value[0])
 
 
 def _redact(data: Mapping[Any, Any], depth: int) -> dict[str, Any]:
@@ -249,7 +293,7 @@ def _redact(data: Mapping[Any, Any], depth: int) -> dict[str, Any]:
 
 def is_secret_key(name: str) -> bool:
     """Whether a mapping key (or variable name) names a credential (SAN-6)."""
-    return _SECRET_KEY.search(name) is not None
+    return credential_key(name)
 
 
 def redact_mapping(data: Mapping[str, Any]) -> dict[str, Any]:

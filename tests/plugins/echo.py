@@ -36,3 +36,12 @@ class SyncLifecycle(EchoHandler):
 
 
 NOT_A_CLASS = "echo"
+
+
+class _RaisingMeta(type):
+    def __getattr__(cls, name: str) -> object:
+        raise RuntimeError(f"no {name} for you")
+
+
+class HostileClass(metaclass=_RaisingMeta):
+    """Any missing attribute raises RuntimeError rather than AttributeError."""

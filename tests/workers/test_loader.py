@@ -92,24 +92,136 @@ def test_004_missing_fields(tmp_path: Path) -> None:
     assert "handler_class" in error.message
 
 
-def test_005_too_large_is_refused_without_reading(
+def test_005_too_large_is_refused_reading_at_most_the_limit_plus_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """10 MiB + 1 byte is refused from its size alone: the file is never opened."""
+    """A file over 10 MiB is refused after reading at most 10 MiB + 1 byte, whatever stat says."""
     path = write(tmp_path / "h", "")
     with path.open("wb") as handle:
-        handle.truncate(MAX_CONTRACT_BYTES + 1)  # sparse: no 10 MiB written
-    opened: list[Path] = []
-    original = Path.read_text
+        handle.truncate(64 * MAX_CONTRACT_BYTES)  # sparse: nothing is written
+    asked: list[int] = []
+    original = Path.open
 
-    def spy(self: Path, *args: object, **kwargs: object) -> str:
-        opened.append(self)
-        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+    def spy(self: Path, *args: object, **kwargs: object) -> object:
+        handle = original(self, *args, **kwargs)  # type: ignore[call-overload]
+        read = handle.read
 
-    monkeypatch.setattr(Path, "read_text", spy)
+        def bounded_read(size: int = -1) -> bytes:
+            asked.append(size)
+            return read(size)  # type: ignore[no-any-return]
+
+        handle.read = bounded_read
+        return handle
+
+    monkeypatch.setattr(Path, "open", spy)
     report = load_handlers([tmp_path], allowed_namespaces=TEST_NAMESPACES)
     assert codes(report.refused) == [LoaderCode.FILE_TOO_LARGE]
-    assert path.resolve() not in opened
+    assert asked, "the loader never read the file through Path.open"
+    assert all(0 <= size <= MAX_CONTRACT_BYTES + 1 for size in asked), (
+        f"the loader asked for {asked} bytes; read at most the limit + 1, never the whole file"
+    )
+
+
+def test_005_exactly_the_limit_is_not_too_large(tmp_path: Path) -> None:
+    """A file of exactly 10 MiB passes the size rule (it fails later, for its content)."""
+    path = write(tmp_path / "h", "")
+    path.write_bytes(b"#" * MAX_CONTRACT_BYTES)
+    report = load_handlers([tmp_path], allowed_namespaces=TEST_NAMESPACES)
+    assert codes(report.refused) == [LoaderCode.SCHEMA_INVALID], "the limit itself is allowed"
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """Nested aliases: a few hundred bytes that expand to 9**levels nodes."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, levels):
+        lines.append(f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * 9)}]")
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE_YAML = {
+    "billion_laughs": contract(extra=billion_laughs()),
+    "self_alias": contract(extra="description: &c [*c]\n"),
+    "plain_anchor": contract(extra="description: &d hello\nother: *d\n"),
+    "deep_flow": contract(extra="description: " + "[" * 5000 + "]" * 5000 + "\n"),
+    "deep_block": contract(
+        extra="description:\n" + "".join(f"{'  ' * i}- \n" for i in range(1, 200))
+    ),
+}
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("case", sorted(HOSTILE_YAML))
+def test_017_anchors_aliases_and_depth_are_refused_next_to_good_contracts(
+    tmp_path: Path, case: str
+) -> None:
+    """Aliases (even self-referencing ones), anchors and very deep nesting are refused with 017,
+    quickly, and the good contract beside them still loads."""
+    write(tmp_path / "hostile", HOSTILE_YAML[case])
+    write(tmp_path / "good", contract(name="good"))
+    report = load_handlers([tmp_path], allowed_namespaces=TEST_NAMESPACES)
+    assert codes(report.refused) == [LoaderCode.YAML_TOO_COMPLEX], [
+        e.message for e in report.refused
+    ]
+    assert [h.contract.handler_name for h in report.loaded] == ["good"], (
+        "one hostile contract must not stop the others from loading"
+    )
+
+
+def test_018_any_exception_reading_one_contract_is_a_coded_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception while reading one contract refuses it (018); the rest load."""
+    import workers.contract_files as contract_files
+
+    write(tmp_path / "bad", contract(name="bad"))
+    write(tmp_path / "good", contract(name="good"))
+    original = contract_files._credential_in
+
+    def explode(data: object, path: str = "") -> str | None:
+        if isinstance(data, dict) and data.get("handler_name") == "bad":
+            raise RecursionError("maximum recursion depth exceeded")
+        return original(data, path)
+
+    monkeypatch.setattr(contract_files, "_credential_in", explode)
+    report = load_handlers([tmp_path], allowed_namespaces=TEST_NAMESPACES)
+    assert codes(report.refused) == [LoaderCode.UNEXPECTED_ERROR]
+    assert "RecursionError" in report.refused[0].message
+    assert [h.contract.handler_name for h in report.loaded] == ["good"]
+
+
+def test_018_a_class_that_raises_on_inspection_is_a_coded_refusal(tmp_path: Path) -> None:
+    """A handler class whose attribute lookup raises is refused (018), not a loader crash."""
+    write(tmp_path / "h", contract(handler_class="tests.plugins.echo:HostileClass"))
+    write(tmp_path / "good", contract(name="good"))
+    report = load_handlers([tmp_path], allowed_namespaces=TEST_NAMESPACES)
+    assert codes(report.refused) == [LoaderCode.UNEXPECTED_ERROR], [
+        e.message for e in report.refused
+    ]
+    assert [h.contract.handler_name for h in report.loaded] == ["good"]
+
+
+@pytest.mark.timeout(20)
+def test_contracts_validate_refuses_hostile_yaml_and_lists_the_good_contract(
+    tmp_path: Path,
+) -> None:
+    """`onex contracts validate` on hostile contracts exits 2 with one 017 per contract, and
+    still reports the good contract beside them as loadable."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from workers.cli import app
+
+    for case, text in HOSTILE_YAML.items():
+        write(tmp_path / case, text)
+    write(tmp_path / "good", contract(name="good"))
+    env = {"ONEX_WORKER__ALLOWED_NAMESPACES": '["activities.", "tests.plugins."]'}
+    result = CliRunner().invoke(app, ["contracts", "validate", str(tmp_path), "--json"], env=env)
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.stdout)
+    assert "good" in report["handlers"], "the good contract is reported as loadable"
+    hostile = [p for p in report["problems"] if p["code"] == LoaderCode.YAML_TOO_COMPLEX]
+    assert len(hostile) == len(HOSTILE_YAML), report["problems"]
 
 
 def test_006_not_a_class_or_not_the_protocol(tmp_path: Path) -> None:

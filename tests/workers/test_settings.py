@@ -74,3 +74,27 @@ def test_secrets_never_show_in_repr_or_safe_dump() -> None:
     assert "pg-pass-123" not in dumped
     assert "hvs.tok" not in dumped
     assert settings.safe_dump()["postgres"]["password"] == "<set>"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "ONEX_KAFKA__BOOTSTRAP_SERVERS",
+        "ONEX_CONSUL__ADDRESS",
+        "ONEX_VAULT__ADDRESS",
+        "ONEX_POSTGRES__HOST",
+        "ONEX_TEMPORAL__HOST",
+    ],
+)
+@pytest.mark.parametrize("value", ["user:Zq9pw@host:9092", "http://user:Zq9pw@host:8500"])
+def test_an_address_with_userinfo_is_refused_naming_the_variable_not_the_value(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """An address field holding ``user:password@`` is refused at start-up; the error names the
+    variable and never the value (it would be printed, logged and shown otherwise)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert variable in message, f"the refusal must name {variable}: {message!r}"
+    assert "Zq9pw" not in message, f"the refusal echoed the credential: {message!r}"
