@@ -12,8 +12,11 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+from urllib.parse import parse_qsl
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from contracts.credentials import credential_key, find_credential
 
 # Keys that name credentials (a subset of the sanitizer's list, kept here because contracts
 # import nothing that does I/O).
@@ -41,15 +44,34 @@ class _Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_credential(field: str, text: str) -> None:
+    """Refuse a free-text value that holds a credential; name the field and the rule, never the
+    value (request fields reach Consul, the registry, Kafka and the Temporal history)."""
+    rule = find_credential(text)
+    if rule is not None:
+        raise ValueError(
+            f"{field} looks like it holds a credential ({rule}); request fields are stored and "
+            "shown everywhere: keep secrets in the secret store"
+        )
+
+
 class NodeEndpoints(_Contract):
     health: AnyHttpUrl = Field(description="The URL Consul's HTTP health check polls")
 
     @field_validator("health")
     @classmethod
     def _no_credentials(cls, url: AnyHttpUrl) -> AnyHttpUrl:
-        # The URL is stored in Consul, PostgreSQL and the workflow history: no userinfo.
+        # The URL is stored in Consul, PostgreSQL and the workflow history: no userinfo, and no
+        # token in its query string.
         if url.username or url.password:
             raise ValueError("the health URL must not carry credentials (user:password@)")
+        for name, _ in parse_qsl(url.query or "", keep_blank_values=True):
+            if credential_key(name):
+                raise ValueError(
+                    f"the health URL's query parameter {name!r} names a credential; a health "
+                    "check must not need one in its URL"
+                )
+        _no_credential("the health URL", str(url))
         return url
 
 
@@ -78,21 +100,31 @@ class RegisterNodeRequest(_Contract):
     @classmethod
     def _no_secret_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
         # Metadata is shown everywhere (Consul, the registry, Temporal): never a credential.
-        for key in metadata:
-            if _SECRET_KEY.search(key):
+        for key, value in metadata.items():
+            if _SECRET_KEY.search(key) or credential_key(key):
                 raise ValueError(
                     f"metadata key {key!r} looks like a credential; metadata is public, keep "
                     "secrets in the secret store"
                 )
+            _no_credential(f"the value of metadata key {key!r}", value)
         return metadata
 
     @field_validator("tags")
     @classmethod
     def _tags_are_short_words(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
-        for tag in tags:
+        for number, tag in enumerate(tags, start=1):
+            _no_credential(f"tag {number}", tag)
             if not tag or len(tag) > 100 or any(c.isspace() for c in tag):
                 raise ValueError(f"tag {tag!r} must be 1-100 characters without spaces")
         return tags
+
+    @field_validator("address")
+    @classmethod
+    def _plain_address(cls, address: str) -> str:
+        if "@" in address:
+            raise ValueError("the address must be a host or IP, without user:password@")
+        _no_credential("the address", address)
+        return address
 
     @property
     def consul_service_id(self) -> str:
@@ -110,6 +142,12 @@ class DeregisterNodeRequest(_Contract):
     node_type: NodeType
     reason: str = Field(default="requested", max_length=200)
     correlation_id: uuid.UUID | None = None
+
+    @field_validator("reason")
+    @classmethod
+    def _no_secret_reason(cls, reason: str) -> str:
+        _no_credential("the reason", reason)
+        return reason
 
     @property
     def consul_service_id(self) -> str:

@@ -225,3 +225,30 @@ def test_a_failing_command_shows_the_library_line_that_explains_it(
 def test_every_operation_status_has_an_exit_code(status: OperationStatus) -> None:
     """A status the table does not know would end a command in a KeyError."""
     assert status in STATUS_EXIT
+
+
+def test_a_mistyped_meta_pair_is_refused_without_echoing_it(cli_env: dict[str, str]) -> None:
+    """`--meta password:<value>` (a colon for `=`) is refused by position, never echoed."""
+    secret = "Zq8vN3kP2mX7wR4t"
+    result = runner.invoke(
+        app,
+        [
+            "register-node",
+            "--node-type",
+            "effect",
+            "--service-name",
+            "billing",
+            "--address",
+            "10.0.0.7",
+            "--port",
+            "8080",
+            "--health-url",
+            "http://10.0.0.7:8080/health",
+            "--meta",
+            f"password:{secret}",
+        ],
+        env={**cli_env, "ONEX_TEMPORAL__PORT": "1"},
+    )
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "argument 1 has no '='" in result.output
+    assert secret not in result.output

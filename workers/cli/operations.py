@@ -115,10 +115,11 @@ def _report_notes(result: OperationResult) -> list[str]:
 
 def _parse_metadata(pairs: list[str]) -> dict[str, str]:
     metadata = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            fail(ExitCode.BAD_INPUT, f"--meta takes key=value, got {pair!r}")
+            # Never echo the pair: a mistyped `password:<value>` would print the value.
+            fail(ExitCode.BAD_INPUT, f"--meta takes key=value (argument {number} has no '=')")
         metadata[key] = value
     return metadata
 
