@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError, WorkflowUpdateRPCTimeoutOrCancelledError
 from temporalio.service import RPCError
 
 from activities.kafka_admin import create_topics
@@ -135,11 +135,14 @@ class Figures:
 
 
 class Workers:
-    """``onex worker`` processes, killed with SIGKILL on demand and started again."""
+    """``onex worker`` processes, killed with SIGKILL on demand; :meth:`supervise` starts any
+    that has exited again (a worker that starts while Temporal is away exits, as it should)."""
 
     def __init__(self, environment: dict[str, str], logs: Path, count: int) -> None:
         self.environment, self.logs, self.count = environment, logs, count
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.down_until = [0.0] * count
+        self.restarts = 0
 
     def start(self, index: int) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"worker-{index}.log", "ab")  # noqa: SIM115 (kept by the child)
@@ -157,13 +160,20 @@ class Workers:
     def start_all(self) -> None:
         self.processes = [self.start(index) for index in range(self.count)]
 
-    def kill(self, index: int) -> None:
+    def kill(self, index: int, *, down_for: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.processes[index].pid, signal.SIGKILL)
         self.processes[index].wait()
+        self.down_until[index] = time.monotonic() + down_for
 
-    def restart(self, index: int) -> None:
-        self.processes[index] = self.start(index)
+    async def supervise(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None and time.monotonic() >= self.down_until[index]:
+                    self.processes[index] = self.start(index)
+                    self.restarts += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=0.5)
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -190,7 +200,7 @@ async def _patient(call: Callable[[], Awaitable[T]], *, within: float = 120.0) -
     while True:
         try:
             return await call()
-        except RPCError:
+        except (RPCError, WorkflowUpdateRPCTimeoutOrCancelledError):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
@@ -270,6 +280,8 @@ class Chaos:
             logs.mkdir()
             self.workers = Workers(self.worker_environment(), logs, count=2)
             self.workers.start_all()
+            stop_supervising = asyncio.Event()
+            supervisor = asyncio.create_task(self.workers.supervise(stop_supervising))
             try:
                 progress(f"2 workers started; storm of {self.profile.operations} operations")
                 await self._storm()
@@ -280,6 +292,9 @@ class Chaos:
                 self.figures.quiescence_seconds = time.monotonic() - quiet_from
                 await self._check(results)
             finally:
+                stop_supervising.set()
+                await supervisor
+                self.figures.injected["worker_restarts"] = self.workers.restarts
                 self.workers.stop_all()
         self.figures.duration_seconds = time.monotonic() - started
         return self.figures
@@ -333,17 +348,24 @@ class Chaos:
         self.figures.started[kind] += 1
 
     async def _start(self, operation: str, request: Any) -> None:
+        request_id = str(uuid.uuid4())  # a repeated send is the same Update: it attaches
+
         async def start() -> Any:
             return await start_operation(
-                self.client, operation, request, settings=self.settings, operations=self.operations
+                self.client,
+                operation,
+                request,
+                settings=self.settings,
+                operations=self.operations,
+                request_id=request_id,
             )
 
         try:
-            handle = await asyncio.wait_for(_patient(start), timeout=120)
+            handle = await asyncio.wait_for(_patient(start, within=240), timeout=300)
         except TimeoutError:
             exits = [process.poll() for process in self.workers.processes]
             raise RuntimeError(
-                f"no worker accepted {operation} within 120 s (worker exit codes: {exits}; "
+                f"no worker accepted {operation} within 300 s (worker exit codes: {exits}; "
                 f"their logs: {self.workers.logs})"
             ) from None
         except (WorkflowUpdateFailedError, NodeBusy):  # the node is full: refused, nothing ran
@@ -364,9 +386,7 @@ class Chaos:
         self.figures.injected[kind] += 1
         if kind == "worker_kill":
             index = self.rng.randrange(self.workers.count)
-            self.workers.kill(index)
-            delay = self.rng.uniform(0.2, 2.0)
-            self._later(delay, lambda: self.workers.restart(index))
+            self.workers.kill(index, down_for=self.rng.uniform(0.2, 2.0))
         elif kind == "temporal_restart":
             process = self.dev.running_process(ServiceName.TEMPORAL)
             if process is not None:
@@ -406,9 +426,6 @@ class Chaos:
         self.pg_proxy.restore()
         self.kafka_proxy.restore()
         self.agent.clear_faults()
-        for index, process in enumerate(self.workers.processes):
-            if process.poll() is not None:
-                self.workers.restart(index)
         deadline = time.monotonic() + self.profile.quiescence_seconds
         while True:
             open_ones = await self._open_operations()
