@@ -16,6 +16,7 @@ client helpers, the worker, ``onex replay`` and the test fixtures all call it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 from temporalio.api.failure.v1 import Failure
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -35,11 +36,9 @@ class SanitizingFailureConverter(DefaultFailureConverter):
         failure: Failure,
     ) -> None:
         super().to_failure(exception, payload_converter, failure)
-        link: Failure | None = failure
-        while link is not None:
+        for link in _chain(failure):
             link.stack_trace = ""
             link.message = sanitize_text(link.message)
-            link = link.cause if link.HasField("cause") else None
 
 
 class EncodingFailureConverter(SanitizingFailureConverter):
@@ -56,14 +55,20 @@ class EncodingFailureConverter(SanitizingFailureConverter):
         failure: Failure,
     ) -> None:
         super().to_failure(exception, payload_converter, failure)
-        link: Failure | None = failure
-        while link is not None:
+        for link in _chain(failure):
             if not link.HasField("encoded_attributes"):
                 link.encoded_attributes.CopyFrom(
                     payload_converter.to_payloads([{"message": link.message, "stack_trace": ""}])[0]
                 )
                 link.message = "Encoded failure"
-            link = link.cause if link.HasField("cause") else None
+
+
+def _chain(failure: Failure) -> Iterator[Failure]:
+    """A failure and its causes, outermost first."""
+    link: Failure | None = failure
+    while link is not None:
+        yield link
+        link = link.cause if link.HasField("cause") else None
 
 
 DATA_CONVERTER: DataConverter = dataclasses.replace(
