@@ -64,6 +64,23 @@ async def _time_calls(call: Callable[[], Awaitable[object]], calls: int) -> floa
     return (time.perf_counter_ns() - started) / calls
 
 
+async def _side_by_side(
+    variants: dict[str, Callable[[], Awaitable[object]]], *, warm_up: int, calls: int
+) -> dict[str, list[float]]:
+    """Per-call seconds of each variant, ROUNDS times, in alternating order (so drift on a
+    shared machine falls on every variant alike), after a warm-up."""
+    for call in variants.values():
+        await _time_calls(call, warm_up)
+    per_call: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(ROUNDS):
+        names = list(variants)
+        if round_index % 2:
+            names.reverse()
+        for name in names:
+            per_call[name].append(await _time_calls(variants[name], calls))
+    return per_call
+
+
 async def bench_breaker() -> dict[str, object]:
     ours = CircuitBreaker(
         "bench",
@@ -79,16 +96,7 @@ async def bench_breaker() -> dict[str, object]:
         "aiobreaker": lambda: theirs_aio.call_async(_noop),
         "circuitbreaker": guarded_cb,
     }
-    for call in variants.values():  # warm-up
-        await _time_calls(call, 2_000)
-
-    per_call: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(ROUNDS):
-        names = list(variants)
-        if round_index % 2:
-            names.reverse()
-        for name in names:
-            per_call[name].append(await _time_calls(variants[name], CALLS_PER_ROUND))
+    per_call = await _side_by_side(variants, warm_up=2_000, calls=CALLS_PER_ROUND)
 
     bare = statistics.median(per_call["bare"])
     overhead = {
@@ -139,15 +147,7 @@ async def bench_encryption() -> dict[str, object]:
         return call
 
     variants = {name: round_trip(converter) for name, converter in converters.items()}
-    for call in variants.values():  # warm-up
-        await _time_calls(call, 200)
-    per_call: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(ROUNDS):
-        names = list(variants)
-        if round_index % 2:
-            names.reverse()
-        for name in names:
-            per_call[name].append(await _time_calls(variants[name], CODEC_CALLS_PER_ROUND))
+    per_call = await _side_by_side(variants, warm_up=200, calls=CODEC_CALLS_PER_ROUND)
     plaintext = statistics.median(per_call["plaintext"])
     encrypted = statistics.median(per_call["encrypted"])
     overhead = max(encrypted - plaintext, 0.0)

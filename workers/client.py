@@ -193,17 +193,7 @@ async def start_operation(
     submission = _submission(operation, request, settings=settings, operations=operations)
     node_id = submission.operation.request.get("node_id")
     if node_id is None:
-        workflow = await client.start_workflow(
-            OperationWorkflow.run,
-            submission.operation,
-            id=submission.workflow_id,
-            task_queue=settings.worker.task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            search_attributes=_attributes(submission),
-            memo=_memo(submission),
-        )
-        return OperationHandle(submission.workflow_id, None, lambda: _workflow_result(workflow))
+        return await _start_directly(client, submission, settings)
     async with _node_busy(node_id):
         update = await client.start_update_with_start_workflow(
             NodeWorkflow.submit,
@@ -212,20 +202,29 @@ async def start_operation(
             wait_for_stage=WorkflowUpdateStage.ACCEPTED,
             id=request_id,
         )
-    # A refusal (the validator's: the node's queue is full) comes back as an outcome already
-    # known at acceptance; result() then raises it at once, without a call. The SDK has no
-    # public "known outcome" accessor, hence the private attribute.
+    # A refusal (the validator's: the node is full) comes back as an outcome already known at
+    # acceptance: raise it now, not when the caller asks for the result (result() then reads
+    # the known outcome without a call). The SDK has no public accessor for it.
     if getattr(update, "_known_outcome", None) is not None:
-        known = await update.result()
-        return OperationHandle(submission.workflow_id, node_workflow_id(node_id), _known(known))
+        await update.result()
     return OperationHandle(submission.workflow_id, node_workflow_id(node_id), update.result)
 
 
-def _known(result: OperationResult) -> Callable[[], Awaitable[OperationResult]]:
-    async def known() -> OperationResult:
-        return result
-
-    return known
+async def _start_directly(
+    client: Client, submission: Submission, settings: OnexSettings
+) -> OperationHandle:
+    """Start an operation that names no node as its own workflow (attaching to a running one)."""
+    workflow = await client.start_workflow(
+        OperationWorkflow.run,
+        submission.operation,
+        id=submission.workflow_id,
+        task_queue=settings.worker.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        search_attributes=_attributes(submission),
+        memo=_memo(submission),
+    )
+    return OperationHandle(submission.workflow_id, None, lambda: _workflow_result(workflow))
 
 
 async def run_operation(
@@ -244,11 +243,7 @@ async def run_operation(
     submission = _submission(operation, request, settings=settings, operations=operations)
     node_id = submission.operation.request.get("node_id")
     if node_id is None:
-        return await result_of(
-            await start_operation(
-                client, operation, request, settings=settings, operations=operations
-            )
-        )
+        return await (await _start_directly(client, submission, settings)).result()
     async with _node_busy(node_id):
         return await client.execute_update_with_start_workflow(
             NodeWorkflow.submit,

@@ -334,23 +334,10 @@ class OperationWorkflow:
                         "attempts": attempts,
                     }
                 )
-                if step.compensation_activity and step.compensation_policy:
-                    # Replaces the ambiguous entry of an earlier failure of this step (a retry).
-                    # Replay-safe unpatched: without such an entry (every older history) there
-                    # is nothing to discard, and discarding schedules nothing.
-                    self._saga.discard(step.backend)
-                    self._saga.push(
-                        Compensation(
-                            backend=step.backend,
-                            activity=step.compensation_activity,
-                            argument=CompensationInput(
-                                request=operation.request,
-                                forward_result=result,
-                                correlation_id=operation.correlation_id,
-                            ),
-                            policy=step.compensation_policy,
-                        )
-                    )
+                # Replaces the ambiguous entry of an earlier failure of this step (a retry).
+                # Replay-safe unpatched: without such an entry (every older history) there is
+                # nothing to discard, and discarding schedules nothing.
+                self._push_compensation(step, result)
         elapsed = (workflow.now() - started).total_seconds() * 1000
         self._results[step.backend] = outcome.model_copy(
             update={"duration_ms": round(outcome.duration_ms + elapsed, 3)}
@@ -361,8 +348,16 @@ class OperationWorkflow:
         forward result: the (fenced, idempotent) activity undoes only what this run's recorded
         pre-image shows. A retry of the step replaces the entry rather than doubling it."""
         if not (step.compensation_activity and step.compensation_policy):
-            return
+            return  # checked before the patch, as it always was: no marker for such a step
         if not _may_have_landed(error) or not workflow.patched(PATCH_AMBIGUOUS_UNDO):
+            return
+        self._push_compensation(step, {}, ambiguous=True)
+
+    def _push_compensation(
+        self, step: PlanStep, forward_result: dict[str, Any], *, ambiguous: bool = False
+    ) -> None:
+        """Push ``step``'s compensation (if it has one), replacing one pushed before for it."""
+        if not (step.compensation_activity and step.compensation_policy):
             return
         operation = self._require_input()
         self._saga.discard(step.backend)
@@ -372,13 +367,13 @@ class OperationWorkflow:
                 activity=step.compensation_activity,
                 argument=CompensationInput(
                     request=operation.request,
-                    forward_result={},
+                    forward_result=forward_result,
                     correlation_id=operation.correlation_id,
-                    ambiguous=True,
-                    forward_activity=step.activity,
+                    ambiguous=ambiguous,
+                    forward_activity=step.activity if ambiguous else None,
                 ),
                 policy=step.compensation_policy,
-                ambiguous=True,
+                ambiguous=ambiguous,
             )
         )
 
