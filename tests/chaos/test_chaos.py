@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_short_chaos_profile_loses_nothing() -> None:
     """A seeded short run ends with every invariant held (exit 0): no lost or duplicated
     effect, no half-done node, every queued event on Kafka, the planted secret nowhere; and
-    the faults it reports were really injected."""
+    the faults it reports were really injected, cuts during compensations included."""
     seed = int(os.environ.get("ONEX_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 10**6)
     done = subprocess.run(
         [sys.executable, "-m", "tests.chaos", "--profile", "short", "--seed", str(seed)],
@@ -42,6 +42,10 @@ def test_the_short_chaos_profile_loses_nothing() -> None:
     assert injected["temporal_restart"] >= 1
     assert injected["postgres_outage"] >= 1
     assert injected["kafka_outage"] >= 1
+    for backend, outages in figures["outages"].items():
+        assert outages["during_compensations"] >= 1, (
+            f"seed {seed}: no {backend} outage overlapped a compensation: {outages}"
+        )
     assert (figures["lost_effects"], figures["duplicated_effects"], figures["half_done_nodes"]) == (
         0,
         0,

@@ -155,6 +155,8 @@ class FakeConsulAgent(FaultInjectingHTTPServer):
         self.initial_check_status = initial_check_status
         """The status a newly registered service's checks start in."""
         self.services: dict[str, dict[str, Any]] = {}
+        self.refused_services: set[str] = set()
+        """Service ids whose registration is answered 500 (an agent that cannot take them)."""
         self.check_status: dict[str, str] = {}
         self.kv: dict[str, bytes] = {}
         self._kv_meta: dict[str, dict[str, int]] = {}
@@ -253,6 +255,8 @@ class FakeConsulAgent(FaultInjectingHTTPServer):
         if registration.get("Checks"):
             registration["Checks"] = checks[1:] if registration.get("Check") else checks
         service_id = str(registration["ID"])
+        if service_id in self.refused_services:
+            return _text(500, f"rpc error: failed to register service {service_id!r}")
         with self._lock:
             self._bump()
             created = self._service_index.get(service_id, (self.index, self.index))[0]
