@@ -29,11 +29,12 @@ from typing import Any
 
 import structlog
 
+from activities.base import SecretSource
 from activities.ingest import DeadLetters, rewind, start_group_consumer
 from activities.outbox import enqueue
 from activities.resilience.correlation import correlation_from_kafka_headers
 from activities.resilience.sanitize import sanitize_exception
-from activities.settings import KafkaSettings
+from activities.settings import KafkaSettings, PostgresSettings
 from contracts.events import new_envelope
 from contracts.fleet import (
     MAX_HEARTBEAT_BYTES,
@@ -52,6 +53,7 @@ __all__ = [
     "Beat",
     "HeartbeatConsumer",
     "HeartbeatStats",
+    "read_fleet",
     "read_nodes",
     "sweep",
     "upsert_heartbeats",
@@ -186,9 +188,7 @@ async def read_nodes(
     limit: int = 10_000,
 ) -> list[NodeView]:
     """The registry's nodes with their liveness (one node with ``node_id``; by ``state``)."""
-    rows = await executor.fetch(
-        _READ_NODES, node_id, None if state is None else state.value, limit
-    )
+    rows = await executor.fetch(_READ_NODES, node_id, None if state is None else state.value, limit)
     views = []
     for row in rows:
         endpoints = row["endpoints"]
@@ -297,7 +297,9 @@ class HeartbeatConsumer:
                 except Refusal as refusal:
                     refused.append((record, refusal.reason))
                     continue
-                beats.append(Beat(beat.node_id, envelope.timestamp, beat.state, beat.active_operations))
+                beats.append(
+                    Beat(beat.node_id, envelope.timestamp, beat.state, beat.active_operations)
+                )
         for record, reason in refused:
             await self.dead_letters.send(record, reason)
             self._log.warning(
@@ -313,3 +315,32 @@ class HeartbeatConsumer:
         self.stats.consumed += sum(len(records) for records in batches.values())
         self.stats.written += written
         self.stats.dead_lettered += len(refused)
+
+
+async def read_fleet(
+    postgres: PostgresSettings,
+    *,
+    secrets: SecretSource | None = None,
+    state: FleetState | None = None,
+    node_id: uuid.UUID | None = None,
+    limit: int = 10_000,
+) -> list[NodeView]:
+    """:func:`read_nodes` on a connection of its own (``onex nodes``, the client helpers).
+
+    The one read of the fleet from outside a worker: a cache, when one is needed, goes here.
+    """
+    import asyncpg
+
+    from activities.postgres import resolve_password
+
+    password = await resolve_password(postgres, secrets)
+    connection = await asyncpg.connect(
+        postgres.dsn,
+        password=None if password is None else password.get_secret_value(),
+        timeout=postgres.connect_timeout,
+        command_timeout=postgres.query_timeout,
+    )
+    try:
+        return await read_nodes(connection, state=state, node_id=node_id, limit=limit)
+    finally:
+        await connection.close()

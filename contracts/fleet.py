@@ -34,7 +34,7 @@ MAX_INTROSPECTION_BYTES = 64 * 1024
 """An introspection or shutdown message over this many bytes is refused."""
 
 
-class Refusal(ValueError):  # noqa: N818 - a refusal is what it is, not an "Error" to fix
+class Refusal(ValueError):
     """A consumed message that cannot be used; ``reason`` is safe to log and dead-letter."""
 
     def __init__(self, reason: str) -> None:

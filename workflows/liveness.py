@@ -26,7 +26,7 @@ class LivenessSweepWorkflow:
 
     @workflow.run
     async def run(self, sweep: LivenessSweepInput) -> LivenessSweepResult:
-        result = await workflow.execute_activity(
+        result: LivenessSweepResult = await workflow.execute_activity(
             SWEEP_ACTIVITY,
             sweep,
             result_type=LivenessSweepResult,

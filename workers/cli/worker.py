@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import InfraConnectionError, InfraError
 from workers.cli.common import console, run_async, settings_or_exit
 from workers.settings import OnexSettings
+
+if TYPE_CHECKING:  # the host (and the SDK worker) loads only when the command runs
+    from workers.host import WorkerHost
 
 
 def worker() -> None:
@@ -17,7 +21,9 @@ def worker() -> None:
     (connecting its backend), prints which handlers loaded, are disabled (and why) or were
     refused, and polls the task queue ONEX_WORKER__TASK_QUEUE. On SIGTERM it stops polling,
     lets in-flight activities finish within ONEX_WORKER__GRACEFUL_SHUTDOWN_TIMEOUT seconds
-    (30 by default), closes its clients and exits 0.
+    (30 by default), closes its clients and exits 0. Unless ONEX_INGRESS__ENABLED=false it
+    also runs the Kafka ingress (nodes registered from their introspection events, heartbeats
+    recorded) and applies the liveness sweep's Schedule.
 
     Example: onex dev up && onex worker
     """
@@ -41,6 +47,8 @@ async def _serve(settings: OnexSettings) -> None:
     except BaseException:
         await host.shutdown()  # close what the handlers that did start had opened
         raise
+    if settings.ingress.enabled:
+        await _add_ingress(host, settings)
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(
@@ -58,3 +66,18 @@ def _workflows() -> list[type]:
     from workflows import WORKFLOWS
 
     return list(WORKFLOWS)
+
+
+async def _add_ingress(host: WorkerHost, settings: OnexSettings) -> None:
+    """The Kafka ingress and the heartbeat consumer beside the activities, and the liveness
+    schedule (created, or updated to the settings; Temporal being slow only delays it)."""
+    from workers.ingress import ingress_services
+    from workers.schedules import apply_schedules
+
+    built = await ingress_services(settings, host.client, host.breakers, secrets=host.secrets)
+    for name, service in built.services.items():
+        host.background_services.append(service)
+        host.report.services.append(name)
+    host.closers.append(built.close)
+    for schedule_id, applied in (await apply_schedules(host.client, settings)).items():
+        host.report.services.append(f"schedule {schedule_id} ({applied.value})")
