@@ -132,6 +132,7 @@ class IngressStats:
     attached: int = 0
     dead_lettered: int = 0
     retried: int = 0
+    committed: int = 0  # records whose offsets were committed
     lag: int = 0
     paused: bool = False
     pauses: int = 0
@@ -224,6 +225,7 @@ class IngressDispatcher:
         self, consumer: Any, batches: dict[Any, list[Any]], stop: asyncio.Event
     ) -> None:
         done: dict[Any, int] = {}
+        dealt_with = 0
         pending: dict[Any, int] = {}
         retry: _Retry | None = None
         for partition, records in batches.items():
@@ -238,8 +240,10 @@ class IngressDispatcher:
                     pending[partition] = record.offset
                     break
                 done[partition] = record.offset + 1
+                dealt_with += 1
         if done:
             await consumer.commit(done)
+            self.stats.committed += dealt_with
         if retry is None:
             return
         rewind(consumer, pending)
