@@ -33,7 +33,8 @@ already handed over (a redelivery after a pause); after a restart, Temporal's Up
 makes a redelivery attach, but it is counted as started.
 
 :func:`ingress_services` builds the dispatcher and the heartbeat consumer
-(:class:`~activities.liveness.HeartbeatConsumer`) for ``onex worker`` and ``onex ingress``.
+(:class:`~activities.liveness.HeartbeatConsumer`) for ``onex ingress``; :func:`attach_ingress`
+runs them inside ``onex worker`` (and the demo) and applies the liveness schedule.
 """
 
 from __future__ import annotations
@@ -75,12 +76,14 @@ from contracts.fleet import (
 from contracts.resilience import BreakerSettings
 from contracts.topics import TopicName
 from workers.client import NodeBusy, Operations, start_operation
+from workers.host import WorkerHost
 from workers.settings import OnexSettings
 
 __all__ = [
     "BREAKER_NAME",
     "IngressDispatcher",
     "IngressStats",
+    "attach_ingress",
     "correlation_for",
     "ingress_services",
     "request_id_for",
@@ -459,3 +462,19 @@ async def ingress_services(
         "heartbeat consumer (kafka -> postgres)": heartbeats.run,
     }
     return Ingress(dispatcher, heartbeats, services, publisher, pool)
+
+
+async def attach_ingress(host: WorkerHost, settings: OnexSettings) -> Ingress:
+    """Run the ingress and the heartbeat consumer beside the host's activities (its breakers,
+    its secrets), closed with it, and apply the liveness schedule (created, or updated to the
+    settings)."""
+    from workers.schedules import apply_schedules
+
+    built = await ingress_services(settings, host.client, host.breakers, secrets=host.secrets)
+    for name, service in built.services.items():
+        host.background_services.append(service)
+        host.report.services.append(name)
+    host.closers.append(built.close)
+    for schedule_id, applied in (await apply_schedules(host.client, settings)).items():
+        host.report.services.append(f"schedule {schedule_id} ({applied.value})")
+    return built

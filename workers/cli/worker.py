@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import InfraConnectionError, InfraError
 from workers.cli.common import console, run_async, settings_or_exit
 from workers.settings import OnexSettings
-
-if TYPE_CHECKING:  # the host (and the SDK worker) loads only when the command runs
-    from workers.host import WorkerHost
 
 
 def worker() -> None:
@@ -48,7 +44,9 @@ async def _serve(settings: OnexSettings) -> None:
         await host.shutdown()  # close what the handlers that did start had opened
         raise
     if settings.ingress.enabled:
-        await _add_ingress(host, settings)
+        from workers.ingress import attach_ingress
+
+        await attach_ingress(host, settings)
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(
@@ -66,18 +64,3 @@ def _workflows() -> list[type]:
     from workflows import WORKFLOWS
 
     return list(WORKFLOWS)
-
-
-async def _add_ingress(host: WorkerHost, settings: OnexSettings) -> None:
-    """The Kafka ingress and the heartbeat consumer beside the activities, and the liveness
-    schedule (created, or updated to the settings; Temporal being slow only delays it)."""
-    from workers.ingress import ingress_services
-    from workers.schedules import apply_schedules
-
-    built = await ingress_services(settings, host.client, host.breakers, secrets=host.secrets)
-    for name, service in built.services.items():
-        host.background_services.append(service)
-        host.report.services.append(name)
-    host.closers.append(built.close)
-    for schedule_id, applied in (await apply_schedules(host.client, settings)).items():
-        host.report.services.append(f"schedule {schedule_id} ({applied.value})")
