@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from contracts.errors import InfraConnectionError
 from contracts.fleet import FleetState, NodeView
 from workers.cli.common import (
     EPILOG,
@@ -103,7 +104,7 @@ def nodes_get(
         try:
             async with temporal_client(settings) as client:
                 return await get_node(settings, node_id, client=client)
-        except ConnectionError:
+        except InfraConnectionError:
             return await get_node(settings, node_id)  # Temporal away: the registry alone
 
     node = run_async(read, failing="cannot read the node")
