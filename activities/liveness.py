@@ -12,6 +12,9 @@
   marks active nodes silent for longer than the window ``unhealthy``, marks those heard from
   again ``healthy``, queues a ``liveness_lost`` / ``liveness_restored`` event for each in the
   outbox, and counts the nodes whose last heartbeat interval was off by more than the jitter.
+  Under the optional silence policy (``deregister_after_seconds``) it also queues, once per
+  silence, a shutdown event on the node's behalf for a node silent that long: the ingress
+  then deregisters it through the per-node path, like any shutdown.
 * :func:`read_nodes` is the one read of the fleet (registry rows joined with their liveness),
   used by ``onex nodes`` and the client helpers; a cache would go in front of it.
 """
@@ -38,6 +41,7 @@ from activities.settings import KafkaSettings, PostgresSettings
 from contracts.events import new_envelope
 from contracts.fleet import (
     MAX_HEARTBEAT_BYTES,
+    SCHEMA_VERSION,
     FleetState,
     Liveness,
     LivenessSweepInput,
@@ -79,7 +83,8 @@ ON CONFLICT (node_id) DO UPDATE SET
     reported_state = EXCLUDED.reported_state,
     active_operations = EXCLUDED.active_operations,
     last_interval_ms = (extract(epoch FROM EXCLUDED.last_seen - l.last_seen) * 1000)::bigint,
-    heartbeats = l.heartbeats + 1
+    heartbeats = l.heartbeats + 1,
+    deregister_requested_at = NULL
 WHERE l.last_seen < EXCLUDED.last_seen
 """
 
@@ -116,6 +121,13 @@ UPDATE onex_node_liveness l SET liveness = 'healthy', liveness_changed_at = now(
 WHERE l.liveness = 'unhealthy' AND l.last_seen >= now() - make_interval(secs => $1)
 RETURNING l.node_id, l.last_seen, 0.0::float8 AS silent_seconds
 """
+_MARK_EXPIRED = """
+UPDATE onex_node_liveness l SET deregister_requested_at = now()
+FROM onex_nodes n
+WHERE n.node_id = l.node_id AND n.status = 'active' AND l.deregister_requested_at IS NULL
+  AND l.last_seen < now() - make_interval(secs => $1)
+RETURNING l.node_id, n.node_type
+"""
 _COUNT = """
 SELECT count(*) AS tracked,
        count(*) FILTER (WHERE l.liveness = 'unhealthy') AS unhealthy,
@@ -151,6 +163,28 @@ async def sweep(
                 new_envelope(topic, payload, correlation_id=correlation_id),
                 operation="sweep_liveness",
             )
+    expired = []
+    if request.deregister_after_seconds is not None:
+        expired = await connection.fetch(_MARK_EXPIRED, float(request.deregister_after_seconds))
+        for row in expired:
+            # Through the ingress, as the node's own shutdown would: the per-node path, with
+            # the event id as its Update id.
+            payload = {
+                "schema_version": SCHEMA_VERSION,
+                "node_id": str(row["node_id"]),
+                "node_type": row["node_type"],
+                "reason": f"silent for over {request.deregister_after_seconds:g} s",
+            }
+            await enqueue(
+                connection,
+                new_envelope(
+                    TopicName.NODE_SHUTDOWN_ANNOUNCED,
+                    payload,
+                    correlation_id=correlation_id,
+                    source="onex-liveness",
+                ),
+                operation="sweep_liveness",
+            )
     counts = await connection.fetchrow(
         _COUNT, float(request.expected_interval_seconds), float(request.jitter_seconds)
     )
@@ -160,6 +194,7 @@ async def sweep(
         tracked=counts["tracked"],
         unhealthy=counts["unhealthy"],
         jittery=counts["jittery"],
+        deregistering=[row["node_id"] for row in expired],
     )
 
 

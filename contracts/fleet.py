@@ -178,6 +178,11 @@ class LivenessSweepInput(_Contract):
     window_seconds: float = Field(default=90.0, gt=0)
     expected_interval_seconds: float = Field(default=30.0, gt=0)
     jitter_seconds: float = Field(default=15.0, gt=0)
+    deregister_after_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="The silence policy: after this long, deregister the node (None: never)",
+    )
 
 
 class LivenessSweepResult(_Contract):
@@ -188,3 +193,6 @@ class LivenessSweepResult(_Contract):
     tracked: int = Field(description="Active nodes that have sent a heartbeat")
     unhealthy: int = Field(description="Of them, those marked unhealthy after this sweep")
     jittery: int = Field(description="Of them, those whose last interval was off by > jitter")
+    deregistering: list[uuid.UUID] = Field(
+        default_factory=list, description="Nodes whose deregistration the silence policy asked"
+    )

@@ -49,6 +49,7 @@ def liveness_schedule(settings: OnexSettings) -> Schedule:
                 window_seconds=ingress.liveness_window,
                 expected_interval_seconds=ingress.heartbeat_interval,
                 jitter_seconds=ingress.jitter_limit,
+                deregister_after_seconds=ingress.deregister_after,
             ),
             id=f"{ingress.schedule_id}-run",
             task_queue=settings.worker.task_queue,

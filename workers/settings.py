@@ -136,6 +136,8 @@ class IngressSettings(Section):
     liveness_window: Seconds = 90.0
     jitter_limit: Seconds = 15.0
     sweep_interval: Seconds = 30.0
+    # The silence policy: deregister a node silent this long (through the ingress); off if None.
+    deregister_after: Seconds | None = None
     schedule_id: str = Field(default="onex-liveness-sweep", min_length=1)
 
 

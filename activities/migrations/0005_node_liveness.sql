@@ -6,6 +6,8 @@
 -- own timestamp (capped at now()): an out-of-order heartbeat never moves it backwards.
 -- last_interval_ms is the gap between the last two heartbeats, for the jitter count.
 -- liveness is set by the sweep (LivenessSweepWorkflow): healthy, or unhealthy after silence.
+-- deregister_requested_at: when the sweep asked for the node's deregistration under the
+-- optional silence policy (once per silence; a new heartbeat clears it).
 
 CREATE TABLE onex_node_liveness (
     node_id             uuid        PRIMARY KEY,
@@ -15,7 +17,8 @@ CREATE TABLE onex_node_liveness (
     last_interval_ms    bigint      NULL,
     heartbeats          bigint      NOT NULL DEFAULT 1,
     liveness            text        NOT NULL DEFAULT 'healthy' CHECK (liveness IN ('healthy', 'unhealthy')),
-    liveness_changed_at timestamptz NOT NULL DEFAULT now()
+    liveness_changed_at timestamptz NOT NULL DEFAULT now(),
+    deregister_requested_at timestamptz NULL
 );
 
 -- The sweep looks for the silent ones.

@@ -189,3 +189,30 @@ async def test_the_consumer_writes_heartbeats_and_refuses_oversized_ones(
     assert any("over the limit" in reason for reason in reasons)
     assert any("node_id" in reason for reason in reasons)
     assert consumer.stats.dead_lettered == 2
+
+
+async def test_the_silence_policy_asks_once_for_a_deregistration(connection: Any) -> None:
+    """With ``deregister_after_seconds``, a node silent that long gets one shutdown event in
+    the outbox (for the ingress to deregister it); the next sweep asks nothing more; a new
+    heartbeat clears the request, so a later silence asks again."""
+    node_id = uuid.uuid4()
+    await _register(connection, node_id)
+    await upsert_heartbeats(
+        connection, [Beat(node_id, datetime.now(UTC) - timedelta(seconds=700), "r")]
+    )
+    request = LivenessSweepInput(window_seconds=90, deregister_after_seconds=600)
+    first = await sweep(connection, request, uuid.uuid4())
+    again = await sweep(connection, request, uuid.uuid4())
+    await upsert_heartbeats(connection, [Beat(node_id, datetime.now(UTC), "r")])
+    row = await _row(connection, node_id)
+    assert first.deregistering == [node_id]
+    assert again.deregistering == [], "one request per silence, not one per sweep"
+    assert row["deregister_requested_at"] is None, "a heartbeat clears the request"
+    shutdowns = await connection.fetch(
+        "SELECT envelope FROM onex_outbox WHERE topic = $1", TopicName.NODE_SHUTDOWN_ANNOUNCED
+    )
+    assert len(shutdowns) == 1
+    payload = json.loads(shutdowns[0]["envelope"])["payload"]
+    assert payload["node_id"] == str(node_id)
+    assert payload["node_type"] == "effect"
+    assert payload["schema_version"] == 1

@@ -18,6 +18,7 @@ from tests.fleet_support import with_ingress
 from tests.stack import serving_stack
 from tests.support import wait_until
 from tests.workflows.scenarios import record
+from workers.client import get_node_state
 from workers.ingress import ingress_services
 from workers.schedules import Applied, apply_schedules
 from workers.simulate import NodeSimulator, simulated_fleet
@@ -33,7 +34,9 @@ async def test_a_node_that_stops_heartbeating_is_unhealthy_after_the_window(
 ) -> None:
     """Three simulated nodes register through the ingress and heartbeat; one falls silent.
     The liveness Schedule (applied twice: created, then updated, never duplicated) sweeps every
-    second with a 3 s window: the silent node becomes unhealthy, the others stay active."""
+    second with a 3 s window: the silent node becomes unhealthy, the others stay active. With
+    the silence policy at 6 s, the silent node is then deregistered through the ingress and
+    the per-node path (its node workflow accepted the register and one deregister)."""
     async with serving_stack(temporal_env, backends, pg_dsn, topic_prefix, task_queue) as stack:  # type: ignore[arg-type]
         settings = with_ingress(
             stack.settings,
@@ -41,6 +44,7 @@ async def test_a_node_that_stops_heartbeating_is_unhealthy_after_the_window(
             liveness_window=3.0,
             jitter_limit=2.0,
             sweep_interval=1.0,
+            deregister_after=6.0,
             schedule_id=f"liveness-{uuid.uuid4().hex[:8]}",
         )
         assert await apply_schedules(stack.client, settings) == {
@@ -72,6 +76,14 @@ async def test_a_node_that_stops_heartbeating_is_unhealthy_after_the_window(
 
             await wait_until(silent_unhealthy, within=90, what="the silent node to be unhealthy")
             states = await fleet_state()
+
+            async def silent_deregistered() -> bool:
+                return (await fleet_state())[silent] is FleetState.INACTIVE
+
+            await wait_until(
+                silent_deregistered, within=90, what="the silence policy to deregister the node"
+            )
+            accepted = (await get_node_state(stack.client, silent)).accepted
         finally:
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -81,7 +93,8 @@ async def test_a_node_that_stops_heartbeating_is_unhealthy_after_the_window(
     assert all(states[n] is FleetState.ACTIVE for n in others), (
         f"nodes still heartbeating must stay active: {states}"
     )
-    assert built.dispatcher.stats.started == 3
+    assert built.dispatcher.stats.started == 4, "three registers and one deregister"
+    assert accepted == 2, "the silent node: its register, then one deregister"
 
 
 async def test_a_sweep_run_records_the_lost_node(
