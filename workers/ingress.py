@@ -6,8 +6,10 @@ record, in partition order:
 
 * it parses and validates the envelope and its payload (:mod:`contracts.fleet`); a record that
   does not (garbage bytes, another schema version, an unknown node type, a missing node id, a
-  credential in its metadata, too many bytes) goes raw to the dead-letter topic with the
-  reason, sanitized (:class:`~activities.ingest.DeadLetters`); nothing is started for it;
+  credential in its metadata, too many bytes, an event type that is not its topic's) goes raw
+  to the dead-letter topic with the reason, sanitized (:class:`~activities.ingest.DeadLetters`);
+  nothing is started for it. So does one Temporal refuses outright (an ``RPCError`` other than
+  unavailable or a deadline): retrying it would be refused again;
 * it hands the register (or, on shutdown, deregister) request to the node's workflow through
   the per-node path (:func:`~workers.client.start_operation`), with the deterministic request
   id ``ingress-<event_id>``: a redelivered or duplicate message is the same Update, which
@@ -45,7 +47,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from pydantic import BaseModel
@@ -59,7 +61,7 @@ from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.base import BackgroundService, SecretSource
-from activities.ingest import DeadLetters, rewind, start_group_consumer
+from activities.ingest import DeadLetters, catalog_topic, rewind, start_group_consumer
 from activities.kafka import EventPublisher
 from activities.liveness import HeartbeatConsumer
 from activities.resilience.breaker import BreakerRegistry, CircuitBreaker, CircuitOpenError
@@ -269,14 +271,15 @@ class IngressDispatcher:
         self._metrics.consumed.add(1)
         try:
             envelope = parse_envelope(record.value, max_bytes=MAX_INTROSPECTION_BYTES)
+            topic = catalog_topic(self.settings.kafka, record.topic)
+            if envelope.event_type != topic:
+                raise Refusal(f"event_type {envelope.event_type[:100]!r} does not match its topic")
             correlation_id = correlation_for(envelope, record.headers)
             request: BaseModel
-            if envelope.event_type == TopicName.NODE_SHUTDOWN_ANNOUNCED:
+            if topic == TopicName.NODE_SHUTDOWN_ANNOUNCED:
                 operation, request = "deregister_node", deregistration(envelope, correlation_id)
-            elif envelope.event_type == TopicName.NODE_INTROSPECTION_PUBLISHED:
-                operation, request = "register_node", registration(envelope, correlation_id)
             else:
-                raise Refusal(f"event_type {envelope.event_type[:100]!r} is not a node event")
+                operation, request = "register_node", registration(envelope, correlation_id)
         except Refusal as refusal:
             await self._dead_letter(record, refusal.reason)
             return
@@ -306,16 +309,17 @@ class IngressDispatcher:
                 "ingress_node_busy", offset=record.offset, error=sanitize_exception(busy)
             )
             raise _Retry(unavailable=False) from None
+        except RPCError as refused:
+            if temporal_unreachable(refused):
+                self._unreachable(record, refused)
+            # Temporal answered and refused this start (an invalid argument, say): retrying
+            # would refuse it again, so it is the message's problem, not the service's.
+            await self._dead_letter(record, f"Temporal refused the start: {refused.status.name}")
+            return
         except Exception as exc:
             if not temporal_unreachable(exc):
-                raise
-            self._log.warning(
-                "ingress_temporal_unreachable",
-                offset=record.offset,
-                error=sanitize_exception(exc),
-                breaker=self.breaker.state.value,
-            )
-            raise _Retry(unavailable=True) from None
+                raise  # a bug or bad configuration (the contracts): the service restarts
+            self._unreachable(record, exc)
         self._remember(envelope.event_id)
         if seen:
             self.stats.attached += 1
@@ -330,6 +334,15 @@ class IngressDispatcher:
             event_id=str(envelope.event_id),
             attached=seen,
         )
+
+    def _unreachable(self, record: Any, exc: BaseException) -> NoReturn:
+        self._log.warning(
+            "ingress_temporal_unreachable",
+            offset=record.offset,
+            error=sanitize_exception(exc),
+            breaker=self.breaker.state.value,
+        )
+        raise _Retry(unavailable=True) from None
 
     def _remember(self, event_id: uuid.UUID) -> None:
         self._handed_over[event_id] = None

@@ -90,7 +90,7 @@ async def test_bad_messages_are_dead_lettered_raw_with_a_sanitized_reason(
     task_queue: str,
 ) -> None:
     """Garbage bytes, a wrong schema version, an unknown node type, a missing node id, an
-    oversized payload and a credential in metadata each go raw to the dead-letter topic with a
+    oversized payload, a credential in metadata and an event of another topic each go raw to the dead-letter topic with a
     reason that names the problem and never the secret; nothing is registered for them; the
     valid message next to them registers its node, and the consumer keeps going."""
     secret = "s3cr3t-Value-" + uuid.uuid4().hex
@@ -103,6 +103,7 @@ async def test_bad_messages_are_dead_lettered_raw_with_a_sanitized_reason(
         envelope(INTROSPECTION, missing_id): "node_id",
         envelope(INTROSPECTION, introspection(metadata={"blob": "x" * 70_000})): "over the limit",
         envelope(INTROSPECTION, introspection(metadata={"db_password": secret})): "credential",
+        envelope(TopicName.NODE_HEARTBEAT_PUBLISHED, introspection()): "does not match",
     }
     good_id = uuid.uuid4()
     header_correlation = uuid.uuid4()
