@@ -90,9 +90,10 @@ async def test_bad_messages_are_dead_lettered_raw_with_a_sanitized_reason(
     task_queue: str,
 ) -> None:
     """Garbage bytes, a wrong schema version, an unknown node type, a missing node id, an
-    oversized payload, a credential in metadata and an event of another topic each go raw to the dead-letter topic with a
-    reason that names the problem and never the secret; nothing is registered for them; the
-    valid message next to them registers its node, and the consumer keeps going."""
+    oversized payload, a credential in metadata and an event of another topic each go raw to
+    the dead-letter topic with a reason that names the problem and never the secret; nothing
+    is registered for them; the valid message next to them registers its node, and the
+    consumer keeps going."""
     secret = "s3cr3t-Value-" + uuid.uuid4().hex
     missing_id = introspection()
     del missing_id["node_id"]
