@@ -80,9 +80,11 @@ from contracts.topics import TopicName
 from workers.client import NodeBusy, Operations, start_operation
 from workers.host import WorkerHost
 from workers.settings import OnexSettings
+from workflows.liveness import SWEEP_ACTIVITY
 
 __all__ = [
     "BREAKER_NAME",
+    "SWEEP_ACTIVITY",
     "IngressDispatcher",
     "IngressStats",
     "attach_ingress",
