@@ -72,5 +72,6 @@ clean: ## remove the virtual environment and caches (not the stack's data: see o
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 record-histories: $(VENV)/.installed-dev ## record golden histories that are missing (never overwrites one)
-	ONEX_RECORD_HISTORIES=1 $(BIN)/pytest tests/workflows/test_operation.py tests/workflows/test_node.py -q
+	ONEX_RECORD_HISTORIES=1 $(BIN)/pytest tests/workflows/test_operation.py tests/workflows/test_node.py \
+		tests/workflows/test_liveness.py -q
 	@echo "new histories recorded into tests/histories/: review and commit them"

@@ -16,6 +16,9 @@ Tables (created by the versioned migrations in ``activities/migrations/``, see
     Outbox rows the relay gave up on (written by the relay, not here).
 ``onex_processed_messages``
     ``(domain, message_id)`` pairs a consumer has handled, for at-least-once deduplication.
+``onex_node_liveness``
+    The last heartbeat of each node and its liveness (see :mod:`activities.liveness`);
+    ``sweep_liveness`` marks silent nodes ``unhealthy`` and queues their events.
 ``onex_node_preimages``
     The row a forward operation found before its first attempt (``previous``, NULL for none),
     one per ``(node_id, writer, operation)``; see the idempotency rules below.
@@ -86,6 +89,7 @@ from activities.base import (
     secret_or_setting,
 )
 from activities.kafka import EVENT_PUBLISHER
+from activities.liveness import sweep as liveness_sweep
 from activities.migrate import TARGET, migrate
 from activities.outbox import OutboxRelay, Publisher, StateChangeEvents, enqueue
 from activities.resilience.breaker import Listener
@@ -95,6 +99,7 @@ from activities.settings import PostgresSettings
 from activities.writer import current_writer, is_ours, writer_workflow
 from contracts.errors import ConfigurationError, ErrorContext, Transport
 from contracts.events import EventEnvelope
+from contracts.fleet import LivenessSweepInput, LivenessSweepResult
 from contracts.registry import (
     CompensationInput,
     DeactivateNodeResult,
@@ -432,6 +437,15 @@ class PostgresHandler(HandlerBase):
     async def get_node(self, request: GetNodeRequest) -> GetNodeResult:
         node = await self._run(lambda connection: _fetch_node(connection, request.node_id))
         return GetNodeResult(node=node)
+
+    async def sweep_liveness(self, request: LivenessSweepInput) -> LivenessSweepResult:
+        """Mark silent nodes unhealthy, returning ones healthy, and queue their events, in one
+        transaction (:func:`activities.liveness.sweep`); a repeat finds nothing left to mark."""
+        correlation_id = current_correlation_id() or uuid.uuid4()
+        return await self._run(
+            lambda connection: liveness_sweep(connection, request, correlation_id),
+            transaction=True,
+        )
 
     async def enqueue_event(self, envelope: EventEnvelope) -> EnqueueEventResult:
         """Queue the event for the outbox relay, once per ``event_id``."""

@@ -1,9 +1,10 @@
-"""The Kafka topic catalog (SPEC §5): twelve topics, their keys, retention and partitions.
+"""The Kafka topic catalog (SPEC §5): fifteen topics, their keys, retention and partitions.
 
 Names follow ``onex.<domain>.<entity>.<event>.v<n>``. The key of a topic is fixed by its family
 and is a wire contract like the name: node events are keyed by ``node_id``, registry workflow
-events by ``workflow_id``, infrastructure signals by ``service_name`` and errors by
-``correlation_id``.
+events by ``workflow_id``, infrastructure signals by ``service_name``, errors by
+``correlation_id``, and dead letters by the key of the message they carry (its value is that
+message, raw, with the reason in the ``dlq_reason`` header).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class TopicKey(StrEnum):
     SERVICE_NAME = "service_name"
     CORRELATION_ID = "correlation_id"
     REQUEST_ID = "request_id"
+    ORIGINAL_KEY = "original_key"  # a dead letter keeps the key of the message it carries
 
 
 class TopicName(StrEnum):
@@ -37,11 +39,14 @@ class TopicName(StrEnum):
     REGISTRY_NODE_REGISTERED = "onex.registry.node.registered.v1"
     REGISTRY_NODE_REGISTRATION_FAILED = "onex.registry.node.registration_failed.v1"
     REGISTRY_NODE_DEREGISTERED = "onex.registry.node.deregistered.v1"
+    REGISTRY_NODE_LIVENESS_LOST = "onex.registry.node.liveness_lost.v1"
+    REGISTRY_NODE_LIVENESS_RESTORED = "onex.registry.node.liveness_restored.v1"
     REGISTRY_WORKFLOW_STARTED = "onex.registry.workflow.started.v1"
     REGISTRY_WORKFLOW_COMPLETED = "onex.registry.workflow.completed.v1"
     REGISTRY_WORKFLOW_FAILED = "onex.registry.workflow.failed.v1"
     INFRA_CIRCUIT_BREAKER_STATE_CHANGED = "onex.infra.circuit_breaker.state_changed.v1"
     INFRA_ERROR_DETECTED = "onex.infra.error.detected.v1"
+    INFRA_MESSAGE_DEAD_LETTERED = "onex.infra.message.dead_lettered.v1"
 
 
 class Topic(BaseModel):
@@ -100,6 +105,18 @@ CATALOG: tuple[Topic, ...] = (
         description="A node was removed from the catalog and deactivated in the registry.",
     ),
     Topic(
+        name=TopicName.REGISTRY_NODE_LIVENESS_LOST,
+        key=TopicKey.NODE_ID,
+        retention_ms=7 * _DAY_MS,
+        description="A node sent no heartbeat for longer than the liveness window (90 s).",
+    ),
+    Topic(
+        name=TopicName.REGISTRY_NODE_LIVENESS_RESTORED,
+        key=TopicKey.NODE_ID,
+        retention_ms=7 * _DAY_MS,
+        description="A node marked unhealthy for its silence is heartbeating again.",
+    ),
+    Topic(
         name=TopicName.REGISTRY_WORKFLOW_STARTED,
         key=TopicKey.WORKFLOW_ID,
         retention_ms=7 * _DAY_MS,
@@ -128,6 +145,13 @@ CATALOG: tuple[Topic, ...] = (
         key=TopicKey.CORRELATION_ID,
         retention_ms=7 * _DAY_MS,
         description="An infrastructure error worth an operator's attention (sanitized).",
+    ),
+    Topic(
+        name=TopicName.INFRA_MESSAGE_DEAD_LETTERED,
+        key=TopicKey.ORIGINAL_KEY,
+        retention_ms=7 * _DAY_MS,
+        description="A consumed message refused as invalid: the raw message, the reason in its "
+        "headers (dlq_reason, dlq_topic, dlq_partition, dlq_offset).",
     ),
 )
 

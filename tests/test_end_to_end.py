@@ -27,6 +27,7 @@ from tests.fakes.consul_agent import FakeConsulAgent
 from tests.stack import serving_stack
 from tests.support import readable_history, wait_until
 from workers.client import get_status, register_node, retry_failed, start_register_node
+from workers.demo import SIMULATED_NODES
 from workers.host import WorkerHost
 from workers.settings import OnexSettings
 
@@ -173,9 +174,10 @@ def _assert_quiet(run: subprocess.CompletedProcess[str], what: str) -> None:
 
 async def test_onex_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
     """`onex demo` on its own stack: exit 0, a table of outcomes, the events on Kafka, the
-    workflows listed by CorrelationId with the temporal CLI, no secret in any history, and a
-    quiet first screen: nothing on stderr (the broker probe's connection errors while it
-    waits, for one, are not shown)."""
+    simulated fleet registered from Kafka with one node unhealthy, the workflows listed by
+    CorrelationId with the temporal CLI, no secret in any history, and a quiet first screen:
+    nothing on stderr (the broker probe's connection errors while it waits, for one, are not
+    shown)."""
     env = _cli_env(tmp_path)
     try:
         demo = _onex(env, "demo")
@@ -184,6 +186,8 @@ async def test_onex_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
         out = demo.stdout
         assert "3 of 3 registrations are on Kafka topic" in out
         assert "refused as bad input" in out
+        assert f"registered from Kafka, heartbeating: {SIMULATED_NODES} nodes" in out, out
+        assert "│ unhealthy │" in out, "the silent simulated node must be shown unhealthy"
         assert out.count("success") >= 4, out
         correlation_id = out.split("CorrelationId='", 1)[1].split("'", 1)[0]
         listed = subprocess.run(
@@ -211,7 +215,10 @@ async def test_onex_demo_as_a_new_user_runs_it(tmp_path: Path) -> None:
         async for execution in client.list_workflows("OnexOperation='register_node'"):
             history = await client.get_workflow_handle(execution.id).fetch_history()
             texts.append(readable_history(json.loads(history.to_json())))
-        assert len(texts) == 3, "the demo registers three nodes"
+        assert len(texts) == 3 + SIMULATED_NODES, (
+            "the demo registers three nodes through the client helpers and the simulated ones "
+            "through the Kafka ingress"
+        )
         everything = "\n".join(texts)
         for secret in ("pg-Secret-4f9a", "consul-Secret-77b1"):
             assert secret not in everything, f"{secret} reached a workflow history"

@@ -52,6 +52,7 @@ from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 from activities.base import SecretSource
 from activities.resilience.correlation import ensure_correlation_id
 from contracts.errors import OperationError
+from contracts.fleet import FleetState, NodeView
 from contracts.node import NodeInput, NodeState, Submission, node_workflow_id
 from contracts.operation_contract import (
     OperationContract,
@@ -521,3 +522,48 @@ async def get_node_state(client: Client, node_id: uuid.UUID | str) -> NodeState:
         if error.status == RPCStatusCode.NOT_FOUND:
             raise OperationNotFound(workflow_id) from None
         raise
+
+
+class NodeNotFound(OperationError, LookupError):
+    """The registry has no node with that id."""
+
+
+async def list_nodes(
+    settings: OnexSettings,
+    *,
+    state: FleetState | None = None,
+    secrets: SecretSource | None = None,
+    limit: int = 10_000,
+) -> list[NodeView]:
+    """The registry's nodes with their liveness (``state``: only active, unhealthy or inactive).
+
+    Reads PostgreSQL (:func:`activities.liveness.read_fleet`, imported here so that a process
+    that only starts operations does not load asyncpg).
+    """
+    from activities.liveness import read_fleet
+
+    return await read_fleet(settings.postgres, secrets=secrets, state=state, limit=limit)
+
+
+async def get_node(
+    settings: OnexSettings,
+    node_id: uuid.UUID,
+    *,
+    client: Client | None = None,
+    secrets: SecretSource | None = None,
+) -> NodeView:
+    """One node, with the operation open on it when ``client`` is given (its node workflow)."""
+    from activities.liveness import read_fleet
+
+    found = await read_fleet(settings.postgres, secrets=secrets, node_id=node_id, limit=1)
+    if not found:
+        raise NodeNotFound(f"the registry has no node {node_id}: onex nodes list shows them")
+    node = found[0]
+    if client is None:
+        return node
+    try:
+        state = await get_node_state(client, node_id)
+    except (OperationNotFound, RPCError):  # no node workflow, or no worker to answer
+        return node
+    running = state.running or (state.queued[0] if state.queued else None)
+    return node.model_copy(update={"open_operation": running.workflow_id if running else None})

@@ -1,9 +1,14 @@
 """``onex demo`` (``make demo``): the main job, end to end, on the embedded stack.
 
-Brings the stack up, runs a worker in this process, registers a few nodes through the client
-helpers (one request is refused as bad input, and the message is shown), deregisters one, prints
-a table of the outcomes and where to look in the Temporal UI, checks that the registered events
-reached their Kafka topic, and stops the worker, leaving the stack running.
+Brings the stack up, runs a worker in this process (with the Kafka ingress), registers a few
+nodes through the client helpers (one request is refused as bad input, and the message is
+shown), deregisters one, prints a table of the outcomes and where to look in the Temporal UI,
+checks that the registered events reached their Kafka topic, then lets simulated nodes announce
+themselves on Kafka: the ingress registers them, their heartbeats are recorded, one falls silent
+and the liveness sweep marks it unhealthy. The fleet part uses short intervals
+(:data:`DEMO_LIVENESS`: heartbeats every 0.5 s, unhealthy after 3 s, a sweep every second, on a
+schedule of its own that is deleted afterwards), so the demo ends in well under a minute. The
+worker stops; the stack keeps running.
 """
 
 from __future__ import annotations
@@ -21,17 +26,29 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts.errors import InfraUnavailableError
+from contracts.fleet import FleetState, NodeView
 from contracts.node import node_workflow_id
 from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest, RegisterNodeRequest
 from contracts.topics import TopicName
-from workers.client import Operations, deregister_node, register_node
+from workers.client import Operations, deregister_node, list_nodes, register_node
 from workers.devstack import DevStack
 from workers.host import build_host
+from workers.ingress import attach_ingress
 from workers.settings import OnexSettings
+from workers.simulate import NodeSimulator, simulated_fleet
 from workflows import WORKFLOWS
 
 REGISTERED_TOPIC = TopicName.REGISTRY_NODE_REGISTERED
+DEMO_LIVENESS = {
+    "heartbeat_interval": 0.5,
+    "liveness_window": 3.0,
+    "jitter_limit": 2.0,
+    "sweep_interval": 1.0,
+    "schedule_id": "onex-demo-liveness-sweep",
+}
+"""The demo's short liveness intervals (the defaults are 30 s, 90 s, 15 s and 30 s)."""
+SIMULATED_NODES = 5
 
 
 @dataclass(frozen=True)
@@ -70,9 +87,13 @@ async def run_demo(settings: OnexSettings, console: Console) -> list[DemoRow]:
     for status in await DevStack(settings).up():
         console.print(f"   {status.name:<9} {status.state:<8} {status.address}")
 
-    console.print("[bold]2. a worker[/bold] (handlers from contracts/handlers)")
+    console.print("[bold]2. a worker[/bold] (handlers from contracts/handlers, the Kafka ingress)")
+    settings = settings.model_copy(
+        update={"ingress": settings.ingress.model_copy(update=DEMO_LIVENESS)}
+    )
     host = await build_host(settings, workflows=WORKFLOWS)
     report = await host.start()
+    await attach_ingress(host, settings)
     for line in report.lines():
         console.print(f"   {line}", markup=False, highlight=False)
     stop = asyncio.Event()
@@ -80,15 +101,23 @@ async def run_demo(settings: OnexSettings, console: Console) -> list[DemoRow]:
     try:
         rows = await _operations(settings, host.client, console)
         events_ok = await _show_events(settings, rows, console)
+        fleet_ok = await _fleet(settings, console)
     finally:
         stop.set()
         with contextlib.suppress(Exception):
             await serving
+        with contextlib.suppress(Exception):
+            await host.client.get_schedule_handle(settings.ingress.schedule_id).delete()
     _summary(settings, rows, console, time.monotonic() - started)
     if not events_ok:
         raise DemoEventsMissing(
             "not every registered event reached Kafka within 30 s: look at the worker's "
             "outbox relay (`onex dev logs kafka`, the onex_outbox table)"
+        )
+    if not fleet_ok:
+        raise DemoEventsMissing(
+            "the simulated nodes were not all registered, or the silent one was not marked "
+            "unhealthy, within 30 s: look at the worker's ingress and heartbeat consumer logs"
         )
     return rows
 
@@ -180,12 +209,66 @@ async def _show_events(settings: OnexSettings, rows: list[DemoRow], console: Con
     return found == len(wanted)
 
 
+async def _fleet(settings: OnexSettings, console: Console) -> bool:
+    """Simulated nodes announce themselves and heartbeat on Kafka; one falls silent."""
+    fleet = simulated_fleet(SIMULATED_NODES, name="demo-sim")
+    ingress = settings.ingress
+    simulator = NodeSimulator(
+        settings.kafka, fleet, silent=1, interval=ingress.heartbeat_interval, silent_after=2
+    )
+    silent = simulator.silenced[0].node_id
+    ids = {node.node_id for node in fleet}
+    console.print(
+        f"[bold]5. the fleet on Kafka[/bold]: {SIMULATED_NODES} simulated nodes publish "
+        f"introspection and a heartbeat every {ingress.heartbeat_interval}s; "
+        f"{simulator.silenced[0].service_name} falls silent (unhealthy after "
+        f"{ingress.liveness_window}s)"
+    )
+    stop = asyncio.Event()
+    simulating = asyncio.create_task(simulator.run(stop))
+    registered: list[NodeView] = []
+    unhealthy = announced = False
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            nodes = [n for n in await list_nodes(settings) if n.node_id in ids]
+            registered = nodes
+            heard = all(n.last_seen is not None for n in nodes if n.node_id != silent)
+            if len(nodes) == len(ids) and heard and not announced:
+                announced = True
+                console.print(f"   registered from Kafka, heartbeating: {len(nodes)} nodes")
+            lost = [n for n in nodes if n.node_id == silent and n.state is FleetState.UNHEALTHY]
+            if lost and len(nodes) == len(ids):
+                unhealthy = True
+                break
+            await asyncio.sleep(0.5)  # the demo paces its own output
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await simulating
+    table = Table(title="fleet (onex nodes list)")
+    for column in ("service", "type", "state", "liveness", "last heartbeat", "reported"):
+        table.add_column(column, overflow="fold")
+    for node in sorted(registered, key=lambda n: n.service_name):
+        seen = node.last_seen.isoformat(timespec="seconds") if node.last_seen else "never"
+        table.add_row(
+            node.service_name,
+            node.node_type.value,
+            node.state.value,
+            node.liveness.value,
+            seen,
+            node.reported_state or "",
+        )
+    console.print(table)
+    return unhealthy and len(registered) == len(ids)
+
+
 def _summary(settings: OnexSettings, rows: list[DemoRow], console: Console, took: float) -> None:
     ui = settings.temporal.ui_url
     namespace = settings.temporal.namespace
     correlation = rows[0].result.correlation_id
     query = quote(f'CorrelationId="{correlation}"')
-    console.print(f"[bold]5. where to look[/bold] (done in {took:.1f}s)")
+    console.print(f"[bold]6. where to look[/bold] (done in {took:.1f}s)")
     console.print(f"   Temporal UI: {ui}/namespaces/{namespace}/workflows", markup=False)
     console.print(
         f"   by correlation id: {ui}/namespaces/{namespace}/workflows?query={query}",

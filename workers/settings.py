@@ -2,7 +2,8 @@
 
 The backend sections (PostgreSQL, Kafka, Consul, Vault, secrets) are defined beside the
 handlers, in :mod:`activities.settings`; this module adds the process's own sections (Temporal,
-worker, dev stack, payload codec) and composes them all into :class:`OnexSettings`.
+worker, dev stack, payload codec, Kafka ingress and liveness) and composes them all into
+:class:`OnexSettings`.
 
 Every value comes from an environment variable named ``ONEX_<SECTION>__<KEY>`` (for example
 ``ONEX_POSTGRES__PORT=5433``) or from a ``.env`` file in the working directory. The defaults point
@@ -108,6 +109,38 @@ class CodecSettings(Section):
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 4 * 1024 * 1024
 
 
+class IngressSettings(Section):
+    """The Kafka ingress (``onex worker``, or ``onex ingress`` on its own) and node liveness.
+
+    The dispatcher registers nodes from introspection events and deregisters them on shutdown
+    events; the heartbeat consumer records heartbeats; the liveness Schedule sweeps every
+    ``sweep_interval`` seconds and marks a node silent for more than ``liveness_window``
+    seconds unhealthy (defaults: heartbeats every 30 s, unhealthy after 90 s, jitter over 15 s
+    counted). Short values are for tests and the demo.
+    """
+
+    enabled: bool = True
+    group_id: str = Field(default="onex-ingress", min_length=1)
+    heartbeat_group_id: str = Field(default="onex-heartbeats", min_length=1)
+    max_records: Annotated[int, Field(ge=1, le=100_000)] = 500
+    heartbeat_max_records: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    poll_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 200
+    # How long the dispatcher waits for Temporal to accept one start (then it is a failure).
+    accept_timeout: Seconds = 30.0
+    # The dispatcher's breaker around the Temporal frontend (DISP-3's dispatcher figures).
+    breaker_failure_threshold: Annotated[int, Field(ge=1, le=1000)] = 3
+    breaker_open_seconds: Seconds = 20.0
+    # A failed batch (database or dead-letter topic down) is fetched again after this long.
+    retry_delay: Seconds = 1.0
+    heartbeat_interval: Seconds = 30.0
+    liveness_window: Seconds = 90.0
+    jitter_limit: Seconds = 15.0
+    sweep_interval: Seconds = 30.0
+    # The silence policy: deregister a node silent this long (through the ingress); off if None.
+    deregister_after: Seconds | None = None
+    schedule_id: str = Field(default="onex-liveness-sweep", min_length=1)
+
+
 class OnexSettings(BaseSettings):
     """Everything a process of this project can be told, grouped by the part it configures."""
 
@@ -128,6 +161,7 @@ class OnexSettings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()
     codec: CodecSettings = CodecSettings()
+    ingress: IngressSettings = IngressSettings()
 
     def section(self, kind: type[S]) -> S:
         """The one section of type ``kind`` (what a handler's ``settings_type`` asks for)."""

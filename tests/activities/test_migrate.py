@@ -20,6 +20,7 @@ REGISTRY_TABLES = {
     "onex_dead_letters",
     "onex_processed_messages",
     "onex_node_preimages",
+    "onex_node_liveness",
     "onex_schema_migrations",
 }
 
@@ -63,7 +64,7 @@ def test_packaged_migrations_are_ordered_with_file_checksums() -> None:
 
 
 async def test_first_run_applies_the_registry_schema(connection: Any) -> None:
-    """An empty database gets 0001 to 0004: their tables exist and each version is recorded
+    """An empty database gets 0001 to 0005: their tables exist and each version is recorded
     with its checksum; the advisory lock is released afterwards."""
     assert await tables(connection) == set()
 
@@ -74,6 +75,7 @@ async def test_first_run_applies_the_registry_schema(connection: Any) -> None:
         "0002_preimages",
         "0003_node_writer",
         "0004_preimages_by_writer",
+        "0005_node_liveness",
     ]
     assert await tables(connection) == REGISTRY_TABLES
     rows = await connection.fetch(
@@ -84,6 +86,7 @@ async def test_first_run_applies_the_registry_schema(connection: Any) -> None:
         (2, "0002_preimages"),
         (3, "0003_node_writer"),
         (4, "0004_preimages_by_writer"),
+        (5, "0005_node_liveness"),
     ]
     assert [row["checksum"] for row in rows] == [m.checksum for m in load_migrations()]
     assert all(row["applied_at"] is not None for row in rows)

@@ -50,6 +50,13 @@ COMMANDS = [
     ["contracts", "schema"],
     ["db", "migrate"],
     ["kafka", "create-topics"],
+    ["ingress"],
+    ["nodes"],
+    ["nodes", "list"],
+    ["nodes", "get"],
+    ["schedules"],
+    ["schedules", "apply"],
+    ["simulate-nodes"],
 ]
 
 

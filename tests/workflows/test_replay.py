@@ -11,6 +11,7 @@ from workers.replay import load_histories, replay_files, replayer
 
 EXPECTED = {
     "deregister_success.json",
+    "liveness_sweep_lost.json",
     "node_deregister_supersedes_partial_register.json",
     "node_queued_operation.json",
     "register_all_or_nothing_compensated.json",
@@ -29,7 +30,8 @@ EXPECTED = {
 
 
 def test_every_path_has_a_golden_history() -> None:
-    """Each significant path of the operation workflow has a committed history."""
+    """Each significant path of the operation, node and liveness workflows has a committed
+    history."""
     present = {path.name for path in HISTORIES.glob("*.json")}
     assert present >= EXPECTED, (
         f"Missing golden histories: {sorted(EXPECTED - present)}\n\n"

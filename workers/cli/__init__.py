@@ -25,6 +25,7 @@ from workers.cli.common import EPILOG
 from workers.cli.contracts import contracts_app
 from workers.cli.demo import demo
 from workers.cli.dev import dev_app
+from workers.cli.fleet import ingress, nodes_app, schedules_app, simulate_nodes
 from workers.cli.replay import replay_command
 from workers.cli.worker import worker
 
@@ -53,6 +54,10 @@ app.command("replay")(replay_command)
 app.add_typer(db_app, name="db")
 app.add_typer(kafka_app, name="kafka")
 app.command("worker")(worker)
+app.command("ingress")(ingress)
+app.add_typer(nodes_app, name="nodes")
+app.add_typer(schedules_app, name="schedules")
+app.command("simulate-nodes")(simulate_nodes)
 app.command("codec-server")(codec_server)
 app.command("demo")(demo)
 

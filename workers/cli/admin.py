@@ -72,7 +72,7 @@ kafka_app = typer.Typer(
 
 @kafka_app.command("create-topics")
 def kafka_create_topics() -> None:
-    """Create the topic catalog (12 topics, 3 partitions each, retention per topic).
+    """Create the topic catalog (15 topics, 3 partitions each, retention per topic).
 
     Topics that exist are left as they are. `onex dev up` does this for the embedded broker;
     run it once against a real cluster (ONEX_KAFKA__BOOTSTRAP_SERVERS).

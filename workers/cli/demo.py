@@ -13,8 +13,10 @@ def demo() -> None:
 
     Brings the stack up, runs a worker in this process, registers three nodes through the
     client helpers (and shows a request refused as bad input), deregisters one, prints the
-    outcomes with their correlation and workflow ids, checks the events reached Kafka, and
-    says where to find it all in the Temporal UI. The stack keeps running afterwards.
+    outcomes with their correlation and workflow ids, checks the events reached Kafka, lets
+    simulated nodes register themselves through Kafka and heartbeat (one falls silent and is
+    marked unhealthy), and says where to find it all in the Temporal UI. The stack keeps
+    running afterwards.
 
     Example: onex demo
     """

@@ -26,7 +26,7 @@ from contracts.errors import (
     InfraTransientError,
 )
 from contracts.operations_io import OperationStatus
-from workers.client import OperationFinished, OperationNotFound
+from workers.client import NodeNotFound, OperationFinished, OperationNotFound
 
 
 class ExitCode(IntEnum):
@@ -50,6 +50,7 @@ EXIT_CODES: Mapping[type[BaseException], ExitCode] = {
     ConfigurationError: ExitCode.BAD_INPUT,  # SettingsError, PlanError, an invalid request
     HandlerLoadError: ExitCode.BAD_INPUT,  # a refused handler contract or plugin
     OperationNotFound: ExitCode.NOT_FOUND,
+    NodeNotFound: ExitCode.NOT_FOUND,
     OperationFinished: ExitCode.BAD_INPUT,  # nothing left to retry
     CompensationFailedError: ExitCode.FAILED,
     # Library exceptions the commands let through.

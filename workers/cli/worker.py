@@ -17,7 +17,10 @@ def worker() -> None:
     (connecting its backend), prints which handlers loaded, are disabled (and why) or were
     refused, and polls the task queue ONEX_WORKER__TASK_QUEUE. On SIGTERM it stops polling,
     lets in-flight activities finish within ONEX_WORKER__GRACEFUL_SHUTDOWN_TIMEOUT seconds
-    (30 by default), closes its clients and exits 0.
+    (30 by default), closes its clients and exits 0. Unless ONEX_INGRESS__ENABLED=false it
+    also runs the Kafka ingress (nodes registered from their introspection events, heartbeats
+    recorded) and applies the liveness sweep's Schedule, when it serves the registry (the
+    postgres handler's contract).
 
     Example: onex dev up && onex worker
     """
@@ -41,6 +44,13 @@ async def _serve(settings: OnexSettings) -> None:
     except BaseException:
         await host.shutdown()  # close what the handlers that did start had opened
         raise
+    if settings.ingress.enabled:
+        from workers.ingress import SWEEP_ACTIVITY, attach_ingress
+
+        if SWEEP_ACTIVITY in report.activities:
+            await attach_ingress(host, settings)
+        else:  # the ingress needs the registry: a worker serving other contracts runs without
+            console.print("no Kafka ingress: this worker serves no registry handler (postgres)")
     for line in report.lines():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(
