@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -52,13 +52,17 @@ from activities.resilience.breaker import (
     StateChange,
 )
 from activities.resilience.sanitize import sanitize_exception
+from contracts.errors import ConfigurationError
 
 __all__ = [
     "CHANNEL",
     "REPORT_TTL_SECONDS",
+    "BreakerNotFound",
     "FleetBreakers",
+    "FleetView",
     "OpenRecord",
     "fleet_keys",
+    "read_fleet",
 ]
 
 logger = structlog.get_logger("onex.breaker.fleet")
@@ -408,21 +412,10 @@ class FleetBreakers:
 
     async def _resynchronize(self) -> None:
         """Apply every open the fleet has now (this worker may have missed announcements)."""
-        pattern = f"{self.prefix}breaker:*"
-        async for key in self.client.scan_iter(match=pattern, count=500):
-            if key.endswith((":failures", ":probe")):
-                continue
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.get(key)
-                pipe.pttl(key)
-                text, pttl = await pipe.execute()
-            if text is None or pttl is None or pttl <= 0:
-                continue
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                record = OpenRecord.loads(text)
-                self.registry.apply_open(
-                    record.name, pttl / 1000, reason=record.reason, origin=record.origin
-                )
+        async for record, seconds_left in _open_records(self.client, self.prefix):
+            self.registry.apply_open(
+                record.name, seconds_left, reason=record.reason, origin=record.origin
+            )
 
     def _apply_text(self, text: object) -> None:
         try:
@@ -505,6 +498,24 @@ class FleetBreakers:
             self._degraded_gauge.set(0)
 
 
+async def _open_records(client: Valkey, prefix: str) -> AsyncIterator[tuple[OpenRecord, float]]:
+    """Each open key of the fleet with its seconds left (unreadable ones are skipped)."""
+    async for key in client.scan_iter(match=f"{prefix}breaker:*", count=500):
+        if key.endswith((":failures", ":probe")):
+            continue
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.pttl(key)
+            text, pttl = await pipe.execute()
+        if text is None or pttl is None or pttl <= 0:
+            continue  # expired between the scan and the read
+        try:
+            record = OpenRecord.loads(text)
+        except (ValueError, KeyError, TypeError):
+            continue
+        yield record, pttl / 1000
+
+
 def _ms(seconds: float) -> int:
     return max(int(seconds * 1000), 1)
 
@@ -517,3 +528,66 @@ def _reason_of(text: Any) -> str | None:
     except (ValueError, AttributeError):
         return None
     return reason if isinstance(reason, str) else None
+
+
+# -- the operator's view --------------------------------------------------------------------
+
+
+class BreakerNotFound(ConfigurationError):
+    """No worker reported a breaker of that name, and the fleet has no state for it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetView:
+    """What ``onex breakers list`` shows: each worker's breakers, and the fleet's opens."""
+
+    workers: list[dict[str, Any]]
+    """One report per live worker: ``worker``, ``at`` and its ``breakers`` (name, state,
+    open_remaining_seconds, consecutive_failures, reason)."""
+    opens: list[dict[str, Any]]
+    """The fleet's open keys: ``name``, ``seconds_left``, ``reason``, ``forced``, ``worker``."""
+
+    @property
+    def names(self) -> list[str]:
+        """Every breaker the fleet knows of, sorted."""
+        found = {entry["name"] for entry in self.opens}
+        for report in self.workers:
+            found.update(breaker["name"] for breaker in report.get("breakers", []))
+        return sorted(found)
+
+    def require(self, name: str) -> None:
+        """Raise :class:`BreakerNotFound`, naming the known breakers, if ``name`` is unknown."""
+        if name in self.names:
+            return
+        if self.names:
+            known = "known breakers: " + ", ".join(self.names)
+        else:
+            known = (
+                "no worker has reported a breaker yet (workers report within "
+                f"{REPORT_INTERVAL_SECONDS:g}s of starting with ONEX_VALKEY__ADDRESS set)"
+            )
+        raise BreakerNotFound(f"no breaker named {name!r}; {known}")
+
+
+async def read_fleet(client: Valkey, prefix: str) -> FleetView:
+    """The live workers' reports and the fleet's open keys, as they are in Valkey now."""
+    workers: list[dict[str, Any]] = []
+    async for key in client.scan_iter(match=f"{prefix}breakers:worker:*", count=500):
+        text = await client.get(key)
+        if text is None:
+            continue  # expired between the scan and the read: that worker is gone
+        with contextlib.suppress(ValueError):
+            workers.append(json.loads(text))
+    opens = [
+        {
+            "name": record.name,
+            "seconds_left": round(seconds_left, 3),
+            "reason": record.reason,
+            "forced": record.forced,
+            "worker": record.worker,
+        }
+        async for record, seconds_left in _open_records(client, prefix)
+    ]
+    workers.sort(key=lambda report: str(report.get("worker", "")))
+    opens.sort(key=lambda entry: str(entry["name"]))
+    return FleetView(workers=workers, opens=opens)
