@@ -39,6 +39,7 @@ from temporalio.worker import Worker
 
 from activities.resilience.breaker import CircuitBreaker
 from contracts.resilience import BreakerSettings
+from tests.bench_fleet import bench_fleet
 from tests.builders import register_request
 from tests.conftest import isolated_settings
 from tests.sample_workflows import BareShapeWorkflow, bare_noop
@@ -280,6 +281,7 @@ async def main() -> dict[str, object]:
         "breaker": await bench_breaker(),
         "encryption": await bench_encryption(),
         "register_node": await bench_register_node(),
+        "fleet": await bench_fleet(),
     }
 
 
