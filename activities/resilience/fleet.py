@@ -227,6 +227,7 @@ class FleetBreakers:
         self._close = client.register_script(_CLOSE)
         self._release_probe = client.register_script(_RELEASE_PROBE)
         self._connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -375,6 +376,7 @@ class FleetBreakers:
         """Subscribe, resynchronize, apply announcements, report, write the queue; until
         ``stop``. Valkey going away degrades to per-process state and is retried every second.
         """
+        self._loop = asyncio.get_running_loop()
         writer = asyncio.create_task(self._write_queue(stop))
         try:
             while not stop.is_set():
@@ -402,6 +404,9 @@ class FleetBreakers:
                 if now >= next_report:
                     await self._report()
                     next_report = now + REPORT_INTERVAL_SECONDS
+                    if self._degraded:  # a write failed, yet Valkey answers again
+                        await self._resynchronize()
+                        self._restore()
                 message = await pubsub.get_message(timeout=0.5)
                 if message is not None and message.get("type") == "message":
                     self._apply_text(message["data"])
@@ -470,6 +475,12 @@ class FleetBreakers:
                 logger.warning("breaker_fleet_queue_full", queued=MAX_QUEUED)
             return
         self._dropping = False
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a breaker used from a thread: hand the write to the loop
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, write)
+            return
         self._queue.put_nowait(write)
 
     # -- degradation ---------------------------------------------------------------------------

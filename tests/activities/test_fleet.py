@@ -140,9 +140,14 @@ async def test_a_success_after_failures_starts_the_fleet_count_again(
 ) -> None:
     """Failures separated by a success are not consecutive: the fleet count is reset."""
     async with connected_workers(valkey_server, prefix, 2) as (first, second):
-        fail(first.breaker(), 2)
-        first.breaker().record_success(first.breaker().acquire())
         counter = fleet_keys(prefix, NAME).failures
+        fail(first.breaker(), 2)
+
+        async def first_counted() -> bool:
+            return bool(await first.fleet.client.get(counter) == "2")
+
+        await wait_until(first_counted, within=DEADLINE, what="the first worker's failures")
+        first.breaker().record_success(first.breaker().acquire())
 
         async def reset() -> bool:
             return await first.fleet.client.get(counter) is None
