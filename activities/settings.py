@@ -3,7 +3,7 @@
 Each handler is handed its own section only (``HandlerBase.settings_type``); the worker's
 settings (:mod:`workers.settings`) compose these sections into one object, read from
 ``ONEX_<SECTION>__<KEY>`` variables. This module imports no client library (asyncpg, aiokafka,
-consul, hvac): client processes load settings without loading the backends.
+consul, hvac, valkey): client processes load settings without loading the backends.
 
 Secrets are ``SecretStr`` from the moment they are read: their ``repr`` and ``str`` show
 ``**********``.
@@ -27,6 +27,7 @@ __all__ = [
     "Seconds",
     "SecretsSettings",
     "Section",
+    "ValkeySettings",
     "VaultSettings",
 ]
 
@@ -123,6 +124,35 @@ class VaultSettings(Section):
     @property
     def enabled(self) -> bool:
         return self.address is not None
+
+
+class ValkeySettings(Section):
+    """The shared cache and the fleet's breaker state; opt-in: enabled when ``address`` is set.
+
+    ``address`` is ``host:port``. The password is the secret ``valkey.password`` from the secret
+    store, else ``password`` here; ``tls`` speaks TLS (``rediss``) with the system's trust store,
+    or ``tls_ca_file`` when given. ``timeout`` bounds connecting and every command: a slow
+    Valkey must degrade, never stall, the calls it only helps.
+    """
+
+    address: Address | None = Field(default=None, pattern=r"^[^:\s/]+:\d{1,5}$")
+    username: str | None = None
+    password: SecretStr | None = None
+    database: Annotated[int, Field(ge=0, le=15)] = 0
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    timeout: Seconds = 2.0
+    key_prefix: str = Field(default="onex:", pattern=r"^[A-Za-z0-9_.:-]*$")
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """``address`` split; only for an enabled section."""
+        host, _, port = (self.address or "").rpartition(":")
+        return host, int(port)
 
 
 class SecretsSettings(Section):

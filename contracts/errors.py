@@ -17,7 +17,8 @@ failure worth retrying, ``except InfraPermanentError`` every one that needs a ch
     └── InfraPermanentError             never retried: something must change first
         ├── ConfigurationError          bad or missing configuration, an invalid request
         │   ├── SettingsError           an ONEX_* setting is invalid (workers.settings)
-        │   └── PlanError               an operation contract does not fit its handlers
+        │   ├── PlanError               an operation contract does not fit its handlers
+        │   └── BreakerNotFound         no breaker of that name (activities.resilience.fleet)
         ├── SecretResolutionError       a secret is missing, expired or cannot be decrypted
         ├── InfraAuthenticationError    bad credentials, expired token, permission denied
         ├── InfraDataIntegrityError     a constraint or invariant would be violated

@@ -226,6 +226,10 @@ TRANSPORT_DEFAULTS: dict[Transport, ResiliencePolicy] = {
     Transport.VAULT: _policy(
         (0, 0.1, 10.0, 2.0), (3, 60.0), start_to_close=15.0, schedule_to_close=90.0
     ),
+    # A cache and a coordination store: short attempts, since every caller degrades without it.
+    Transport.VALKEY: _policy(
+        (0, 0.2, 5.0, 2.0), (10, 30.0), start_to_close=15.0, schedule_to_close=60.0
+    ),
     Transport.HTTP: _policy(
         (0, 0.5, 30.0, 2.0), (5, 60.0), start_to_close=45.0, schedule_to_close=150.0
     ),

@@ -138,7 +138,10 @@ CATALOG: tuple[Topic, ...] = (
         name=TopicName.INFRA_CIRCUIT_BREAKER_STATE_CHANGED,
         key=TopicKey.SERVICE_NAME,
         retention_ms=7 * _DAY_MS,
-        description="A circuit breaker changed state.",
+        description=(
+            "A circuit breaker changed state (service_name, previous_state, new_state, "
+            "failure_count, reset_timeout_seconds; reason when an operator forced it)."
+        ),
     ),
     Topic(
         name=TopicName.INFRA_ERROR_DETECTED,

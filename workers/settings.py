@@ -1,6 +1,6 @@
 """The one settings object, read once at the entry point.
 
-The backend sections (PostgreSQL, Kafka, Consul, Vault, secrets) are defined beside the
+The backend sections (PostgreSQL, Kafka, Consul, Vault, Valkey, secrets) are defined beside the
 handlers, in :mod:`activities.settings`; this module adds the process's own sections (Temporal,
 worker, dev stack, payload codec, Kafka ingress and liveness) and composes them all into
 :class:`OnexSettings`.
@@ -31,6 +31,7 @@ from activities.settings import (
     Seconds,
     SecretsSettings,
     Section,
+    ValkeySettings,
     VaultSettings,
 )
 from contracts.errors import ConfigurationError
@@ -90,6 +91,9 @@ class DevSettings(Section):
     temporal_bin: Path | None = None
     postgres_bin: Path | None = None
     kafka_bin: Path | None = None
+    valkey_bin: Path | None = None
+    # The embedded Valkey listens here; workers use it only once ONEX_VALKEY__ADDRESS names it.
+    valkey_port: Port = 6379
 
 
 class CodecSettings(Section):
@@ -157,6 +161,7 @@ class OnexSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     consul: ConsulSettings = ConsulSettings()
     vault: VaultSettings = VaultSettings()
+    valkey: ValkeySettings = ValkeySettings()
     secrets: SecretsSettings = SecretsSettings()
     worker: WorkerSettings = WorkerSettings()
     dev: DevSettings = DevSettings()

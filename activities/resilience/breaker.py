@@ -8,7 +8,11 @@
     half_open ──(any probe failure)──▶ open
 
 A breaker guards one dependency inside one worker process (one per Kafka topic, one per Consul
-datacenter): its state is not shared across workers. Only transport failures are recorded as
+datacenter). With a :class:`FleetCoordinator` attached (the Valkey one, :mod:`.fleet`), the
+workers share what they learn: failures count fleet-wide, an open reaches every worker, the fleet
+sends one half-open probe at a time, and an operator can force a breaker open for a while
+(:meth:`CircuitBreaker.open_for`). The coordinator is told of failures and probes, never of a
+closed breaker's successes: that path stays free of I/O. Only transport failures are recorded as
 failures (the caller decides, see :mod:`.boundary`); a business outcome is a call the dependency
 answered, so it counts as a success. A success slower than ``slow_call_seconds`` counts as a
 failure.
@@ -33,7 +37,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 import structlog
 from temporalio.common import MetricMeter
@@ -58,6 +62,14 @@ _OPEN = BreakerState.OPEN
 _HALF_OPEN = BreakerState.HALF_OPEN
 
 
+class Origin(StrEnum):
+    """Who caused a transition: this process's calls, another worker, or an operator."""
+
+    LOCAL = "local"
+    FLEET = "fleet"
+    OPERATOR = "operator"
+
+
 class CircuitOpenError(InfraUnavailableError):
     """The breaker rejected the call; ``retry_after`` is when it will admit a probe."""
 
@@ -78,16 +90,22 @@ class StateChange:
     new_state: BreakerState
     failure_count: int
     reset_timeout_seconds: float
+    reason: str | None = None
+    """Why, when someone said: an operator's ``--reason`` (``onex breakers open``)."""
+    origin: Origin = Origin.LOCAL
 
     def payload(self) -> dict[str, object]:
-        """The event payload, JSON-ready."""
-        return {
+        """The event payload, JSON-ready; ``reason`` only when a transition has one."""
+        payload: dict[str, object] = {
             "service_name": self.service_name,
             "previous_state": self.previous_state.value,
             "new_state": self.new_state.value,
             "failure_count": self.failure_count,
             "reset_timeout_seconds": self.reset_timeout_seconds,
         }
+        if self.reason is not None:
+            payload["reason"] = self.reason
+        return payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +122,34 @@ class BreakerSnapshot:
     total_successes: int
     total_failures: int
     total_rejections: int
+    reason: str | None = None
+    """The reason given for the current open, when it was forced (or heard from the fleet)."""
 
 
 Listener = Callable[[StateChange], None]
 FailurePredicate = Callable[[Exception], bool]
 """Whether an exception raised by a guarded call says the dependency is unhealthy."""
+
+
+class FleetCoordinator(Protocol):
+    """What a breaker tells the fleet and asks it (:class:`~.fleet.FleetBreakers`).
+
+    The synchronous hooks only queue work (the caller never waits on I/O); ``admit_probe``
+    is awaited, on the half-open path only, and raises :class:`CircuitOpenError` when the fleet
+    says no (another worker is probing, or the fleet's open window has time left).
+    """
+
+    def failed(self, breaker: CircuitBreaker) -> None:
+        """A transport failure was recorded while closed (it counts fleet-wide)."""
+
+    def recovered(self, breaker: CircuitBreaker) -> None:
+        """A success followed failures while closed (the fleet's count starts again)."""
+
+    async def admit_probe(self, breaker: CircuitBreaker, probe_seconds: float) -> None:
+        """May this half-open breaker send its probe? Raise CircuitOpenError if not."""
+
+    def probe_ended(self, breaker: CircuitBreaker) -> None:
+        """The probe admitted by :meth:`admit_probe` has its outcome (or was cancelled)."""
 
 
 def is_transport_failure(exc: Exception) -> bool:
@@ -124,12 +165,14 @@ class CircuitBreaker:
     __slots__ = (
         "_calls",
         "_consecutive_failures",
+        "_coordinator",
         "_half_open_in_flight",
         "_half_open_successes",
         "_listeners",
         "_lock",
         "_open_until",
         "_probe_ends",
+        "_reason",
         "_slow_call_seconds",
         "_state",
         "_total_failures",
@@ -149,11 +192,14 @@ class CircuitBreaker:
         *,
         clock: Clock = time.monotonic,
         listeners: Iterable[Listener] = (),
+        coordinator: FleetCoordinator | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.clock = clock
         self._listeners = list(listeners)
+        self._coordinator = coordinator
+        self._reason: str | None = None
         self._lock = threading.Lock()
         self._slow_call_seconds = settings.slow_call_seconds
         self._state = _CLOSED
@@ -188,6 +234,10 @@ class CircuitBreaker:
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def attach(self, coordinator: FleetCoordinator | None) -> None:
+        """Share this breaker's state through ``coordinator`` (None: per-process only)."""
+        self._coordinator = coordinator
+
     def snapshot(self) -> BreakerSnapshot:
         with self._lock:
             remaining = 0.0
@@ -204,6 +254,7 @@ class CircuitBreaker:
                 total_successes=self._total_successes,
                 total_failures=self._total_failures,
                 total_rejections=self._total_rejections,
+                reason=self._reason if self._state is _OPEN else None,
             )
 
     # -- the protocol around one call --------------------------------------------------------
@@ -244,6 +295,22 @@ class CircuitBreaker:
         self._notify(changes)
         return probe
 
+    async def admit(self, probe_seconds: float | None = None) -> bool:
+        """:meth:`acquire`, then, for a probe, the fleet's consent (one probe fleet-wide).
+
+        Only a breaker that is not closed comes here: a closed one is admitted without I/O.
+        """
+        probe = self.acquire(probe_seconds)
+        coordinator = self._coordinator
+        if probe and coordinator is not None:
+            bound = self.settings.open_seconds if probe_seconds is None else probe_seconds
+            try:
+                await coordinator.admit_probe(self, bound)
+            except BaseException:
+                self._release_slot()
+                raise
+        return probe
+
     def record_success(self, probe: bool = False, duration: float = 0.0) -> None:
         """The dependency answered. Too slow an answer is a failure (``slow_call_seconds``)."""
         slow = self._slow_call_seconds
@@ -254,25 +321,38 @@ class CircuitBreaker:
         lock.acquire()
         try:
             self._total_successes += 1
-            if self._state is _CLOSED:  # the hot path: no transition is possible
+            closed = self._state is _CLOSED
+            if closed:  # the hot path: no transition is possible
                 self._calls += 1
+                if not self._consecutive_failures and not probe:
+                    return
+                recovered = self._consecutive_failures > 0
                 self._consecutive_failures = 0
-                return
         finally:
             lock.release()
-        changes: list[StateChange] = []
-        with self._lock:
-            if probe and self._state is _HALF_OPEN:
-                self._half_open_in_flight -= 1
-                self._half_open_successes += 1
-                if self._half_open_successes >= self.settings.success_threshold:
-                    changes.append(self._transition(_CLOSED))
-            # A call admitted while closed that ends after the breaker opened changes nothing.
-        self._notify(changes)
+        coordinator = self._coordinator
+        if not closed:
+            recovered = False
+            changes: list[StateChange] = []
+            with self._lock:
+                if probe and self._state is _HALF_OPEN:
+                    self._half_open_in_flight -= 1
+                    self._half_open_successes += 1
+                    if self._half_open_successes >= self.settings.success_threshold:
+                        changes.append(self._transition(_CLOSED))
+                # A call admitted while closed that ends after the breaker opened changes
+                # nothing.
+            self._notify(changes)
+        if coordinator is not None:
+            if recovered:
+                coordinator.recovered(self)
+            if probe:
+                coordinator.probe_ended(self)
 
     def record_failure(self, probe: bool = False) -> None:
         """The dependency failed as a transport (connection, timeout, unavailable, too slow)."""
         changes: list[StateChange] = []
+        counted = False
         with self._lock:
             self._total_failures += 1
             if self._state is _CLOSED:
@@ -281,17 +361,31 @@ class CircuitBreaker:
                 self._window_failures.append(self._calls)
                 if self._should_trip():
                     changes.append(self._transition(_OPEN))
+                else:
+                    counted = True
             elif probe and self._state is _HALF_OPEN:
                 self._half_open_in_flight -= 1
                 changes.append(self._transition(_OPEN))
+        # Listeners first: an open is announced to the fleet before the probe's lock is freed.
         self._notify(changes)
+        coordinator = self._coordinator
+        if coordinator is not None:
+            if counted:
+                coordinator.failed(self)
+            elif probe:
+                coordinator.probe_ended(self)
 
     def release(self, probe: bool) -> None:
         """The call ended without an outcome (it was cancelled): free its probe slot, if any."""
         if probe:
-            with self._lock:
-                if self._state is _HALF_OPEN and self._half_open_in_flight > 0:
-                    self._half_open_in_flight -= 1
+            self._release_slot()
+            if self._coordinator is not None:
+                self._coordinator.probe_ended(self)
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            if self._state is _HALF_OPEN and self._half_open_in_flight > 0:
+                self._half_open_in_flight -= 1
 
     def guard(
         self, is_failure: FailurePredicate | None = None, probe_seconds: float | None = None
@@ -320,7 +414,7 @@ class CircuitBreaker:
         the path a closed breaker takes millions of times, and a context manager costs two
         coroutine frames per call.
         """
-        probe = False if self._state is _CLOSED else self.acquire()
+        probe = False if self._state is _CLOSED else await self.admit()
         started = 0.0 if self._slow_call_seconds is None else self.clock()
         try:
             result = await function(*args, **kwargs)
@@ -348,11 +442,30 @@ class CircuitBreaker:
         else:
             self.release(probe)  # cancelled (or interrupted): no outcome
 
-    def reset(self) -> None:
-        """Close the breaker and forget its history (an operator's override)."""
+    def reset(self, *, reason: str | None = None, origin: Origin = Origin.LOCAL) -> None:
+        """Close the breaker and forget its history (an operator's override, or the fleet's)."""
         with self._lock:
-            change = self._transition(_CLOSED)
+            change = self._transition(_CLOSED, reason=reason, origin=origin)
         self._notify([change])
+
+    def open_for(
+        self, seconds: float, *, reason: str | None = None, origin: Origin = Origin.OPERATOR
+    ) -> None:
+        """Open now, for ``seconds``: the fleet heard of an open, or an operator forced one.
+
+        Every call is then rejected with the time left as ``retry_after``; when the window
+        ends the breaker is half-open as after any open. An operator's open is always
+        announced to the listeners (with its reason); the fleet's only when it changes state.
+        """
+        changes: list[StateChange] = []
+        with self._lock:
+            until = self.clock() + seconds
+            if self._state is not _OPEN or origin is Origin.OPERATOR:
+                changes.append(self._transition(_OPEN, reason=reason, origin=origin))
+            elif reason is not None:
+                self._reason = reason
+            self._open_until = until
+        self._notify(changes)
 
     # -- internals (called with the lock held) -----------------------------------------------
 
@@ -376,15 +489,20 @@ class CircuitBreaker:
         calls = self._window_calls()
         return calls >= settings.minimum_calls and self._failures_in_window() >= rate * calls
 
-    def _transition(self, new_state: BreakerState) -> StateChange:
+    def _transition(
+        self, new_state: BreakerState, *, reason: str | None = None, origin: Origin = Origin.LOCAL
+    ) -> StateChange:
         change = StateChange(
             service_name=self.name,
             previous_state=self._state,
             new_state=new_state,
             failure_count=self._consecutive_failures,
             reset_timeout_seconds=self.settings.open_seconds,
+            reason=reason,
+            origin=origin,
         )
         self._state = new_state
+        self._reason = reason
         self._half_open_in_flight = 0
         self._half_open_successes = 0
         self._probe_ends = 0.0
@@ -430,7 +548,7 @@ class BreakerGuard:
     async def __aenter__(self) -> BreakerGuard:
         breaker = self._breaker
         if breaker._state is not _CLOSED:
-            self._probe = breaker.acquire(self._probe_seconds)
+            self._probe = await breaker.admit(self._probe_seconds)
         if breaker._slow_call_seconds is not None:  # the clock is read only when it matters
             self._started = breaker.clock()
         return self
@@ -445,13 +563,21 @@ class BreakerGuard:
 
 
 class BreakerRegistry:
-    """The breakers of one worker process, one per dependency key (e.g. ``kafka:<topic>``)."""
+    """The breakers of one worker process, one per dependency key (e.g. ``kafka:<topic>``).
+
+    With a coordinator attached (:meth:`attach`), every breaker shares its state with the
+    fleet; opens heard from the fleet for a breaker this process has not used yet are kept and
+    applied when it is created.
+    """
 
     def __init__(self, *, clock: Clock = time.monotonic, listeners: Iterable[Listener] = ()):
         self._clock = clock
         self._listeners = list(listeners)
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
+        self._coordinator: FleetCoordinator | None = None
+        # name -> (clock time the open ends, reason, origin), for breakers not created yet.
+        self._pending_opens: dict[str, tuple[float, str | None, Origin]] = {}
 
     def get(self, name: str, settings: BreakerSettings) -> CircuitBreaker:
         """The breaker for ``name``, created with ``settings`` on first use."""
@@ -461,10 +587,52 @@ class BreakerRegistry:
                 breaker = self._breakers.get(name)
                 if breaker is None:
                     breaker = CircuitBreaker(
-                        name, settings, clock=self._clock, listeners=self._listeners
+                        name,
+                        settings,
+                        clock=self._clock,
+                        listeners=self._listeners,
+                        coordinator=self._coordinator,
                     )
                     self._breakers[name] = breaker
+                    pending = self._pending_opens.pop(name, None)
+                else:
+                    pending = None
+            if pending is not None:
+                until, reason, origin = pending
+                left = until - self._clock()
+                if left > 0:
+                    breaker.open_for(left, reason=reason, origin=origin)
         return breaker
+
+    def find(self, name: str) -> CircuitBreaker | None:
+        """The breaker for ``name`` if this process has created it."""
+        return self._breakers.get(name)
+
+    def attach(self, coordinator: FleetCoordinator | None) -> None:
+        """Share every breaker's state, present and future, through ``coordinator``."""
+        with self._lock:
+            self._coordinator = coordinator
+            for breaker in self._breakers.values():
+                breaker.attach(coordinator)
+
+    def apply_open(self, name: str, seconds: float, *, reason: str | None, origin: Origin) -> None:
+        """The fleet (or an operator) opened ``name`` for ``seconds`` more."""
+        breaker = self._breakers.get(name)
+        if breaker is None:
+            with self._lock:
+                breaker = self._breakers.get(name)
+                if breaker is None:
+                    self._pending_opens[name] = (self._clock() + seconds, reason, origin)
+                    return
+        breaker.open_for(seconds, reason=reason, origin=origin)
+
+    def apply_close(self, name: str, *, reason: str | None, origin: Origin) -> None:
+        """The fleet (or an operator) closed ``name``."""
+        with self._lock:
+            self._pending_opens.pop(name, None)
+        breaker = self._breakers.get(name)
+        if breaker is not None:
+            breaker.reset(reason=reason, origin=origin)
 
     def add_listener(self, listener: Listener) -> None:
         """Hear the transitions of every breaker, present and future."""
@@ -498,6 +666,8 @@ def log_state_change(change: StateChange) -> None:
         new_state=change.new_state.value,
         failure_count=change.failure_count,
         reset_timeout_seconds=change.reset_timeout_seconds,
+        reason=change.reason,
+        origin=change.origin.value,
     )
 
 

@@ -48,6 +48,14 @@ aiohttp's ``ServerTimeoutError`` is a ``TimeoutError``). In brief, result first:
       unavailable  InternalServerError, VaultDown, BadGateway, VaultNotInitialized
       config       InvalidRequest, ParamValidationError, UnsupportedOperation
       unexpected   any other VaultError
+    valkey (valkey-py)
+      auth         AuthenticationError, AuthorizationError, NoPermissionError (NOPERM)
+      unavailable  BusyLoadingError (loading its data), MaxConnectionsError, TryAgainError,
+                   ClusterDownError, ReadOnlyError (a replica), OutOfMemoryError
+      timeout      TimeoutError
+      connection   ConnectionError
+      config       DataError, any other ResponseError (WRONGTYPE, unknown command, ...)
+      unexpected   any other ValkeyError
     aiohttp
       config       ClientConnectorCertificateError, ServerFingerprintMismatch, InvalidURL,
                    NonHttpUrlClientError, TooManyRedirects
@@ -96,6 +104,7 @@ from asyncpg import exceptions as pg_errors
 from consul import base as consul_errors
 from hvac import exceptions as vault_errors
 from requests import exceptions as requests_errors
+from valkey import exceptions as valkey_errors
 
 from contracts.errors import (
     ConfigurationError,
@@ -417,6 +426,34 @@ _VAULT_RULES: tuple[Rule, ...] = (
     (vault_errors.VaultError, InfraUnexpectedError),
 )
 
+_VALKEY_RULES: tuple[Rule, ...] = (
+    (
+        # Subclasses of valkey's ConnectionError: these rows go first.
+        (
+            valkey_errors.AuthenticationError,
+            valkey_errors.AuthorizationError,
+            valkey_errors.NoPermissionError,
+            valkey_errors.AuthenticationWrongNumberOfArgsError,
+        ),
+        InfraAuthenticationError,
+    ),
+    (
+        (
+            valkey_errors.BusyLoadingError,
+            valkey_errors.MaxConnectionsError,
+            valkey_errors.TryAgainError,
+            valkey_errors.ClusterDownError,
+            valkey_errors.ReadOnlyError,
+            valkey_errors.OutOfMemoryError,
+        ),
+        InfraUnavailableError,
+    ),
+    (valkey_errors.TimeoutError, InfraTimeoutError),
+    (valkey_errors.ConnectionError, InfraConnectionError),
+    ((valkey_errors.DataError, valkey_errors.ResponseError), ConfigurationError),
+    (valkey_errors.ValkeyError, InfraUnexpectedError),
+)
+
 _HTTP_RESPONSE_TYPES = (aiohttp.ClientResponseError, requests_errors.HTTPError)
 
 _AIOHTTP_RULES: tuple[Rule, ...] = (
@@ -513,6 +550,7 @@ CLASSIFICATION_RULES: tuple[Rule, ...] = (
     *_KAFKA_RULES,
     *_CONSUL_RULES,
     *_VAULT_RULES,
+    *_VALKEY_RULES,
     *_AIOHTTP_RULES,
     *_REQUESTS_RULES,
     *_HTTP_STATUS_RULES,

@@ -19,6 +19,7 @@ from consul import base as consul_errors
 from hvac import exceptions as vault_errors
 from multidict import CIMultiDict, CIMultiDictProxy
 from requests import exceptions as requests_errors
+from valkey import exceptions as valkey_errors
 from yarl import URL
 
 import activities.resilience.classify as classify_module
@@ -55,6 +56,7 @@ TARGETS = {
     Transport.KAFKA: "kafka-topic-onex.events",
     Transport.CONSUL: "consul-agent",
     Transport.VAULT: "vault-primary",
+    Transport.VALKEY: "valkey",
     Transport.HTTP: "http-api",
     Transport.RUNTIME: "saga",
 }
@@ -105,11 +107,12 @@ class LibraryOSError(OSError):
     """An OSError subclass as some libraries define: Python does not remap its errno."""
 
 
-DB, KAFKA, CONSUL, VAULT, HTTP, RUNTIME = (
+DB, KAFKA, CONSUL, VAULT, VALKEY, HTTP, RUNTIME = (
     Transport.DATABASE,
     Transport.KAFKA,
     Transport.CONSUL,
     Transport.VAULT,
+    Transport.VALKEY,
     Transport.HTTP,
     Transport.RUNTIME,
 )
@@ -467,6 +470,97 @@ CASES = [
         VAULT,
         InfraUnavailableError,
         id="vault-not-initialized",
+    ),
+    # valkey -------------------------------------------------------------------------------
+    pytest.param(
+        valkey_errors.AuthenticationError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraAuthenticationError,
+        id="valkey-auth",
+    ),
+    pytest.param(
+        valkey_errors.AuthorizationError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraAuthenticationError,
+        id="valkey-authorization",
+    ),
+    pytest.param(
+        valkey_errors.NoPermissionError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraAuthenticationError,
+        id="valkey-noperm",
+    ),
+    pytest.param(
+        valkey_errors.AuthenticationWrongNumberOfArgsError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraAuthenticationError,
+        id="valkey-auth-args",
+    ),
+    pytest.param(
+        valkey_errors.BusyLoadingError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraUnavailableError,
+        id="valkey-loading",
+    ),
+    pytest.param(
+        valkey_errors.MaxConnectionsError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraUnavailableError,
+        id="valkey-max-connections",
+    ),
+    pytest.param(
+        valkey_errors.TryAgainError(f"{SECRET} on valkey://:pw@cache:6379"),  # type: ignore[no-untyped-call]
+        VALKEY,
+        InfraUnavailableError,
+        id="valkey-tryagain",
+    ),
+    pytest.param(
+        valkey_errors.MasterDownError(f"{SECRET} on valkey://:pw@cache:6379"),  # type: ignore[no-untyped-call]
+        VALKEY,
+        InfraUnavailableError,
+        id="valkey-masterdown",
+    ),
+    pytest.param(
+        valkey_errors.ReadOnlyError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraUnavailableError,
+        id="valkey-readonly",
+    ),
+    pytest.param(
+        valkey_errors.OutOfMemoryError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraUnavailableError,
+        id="valkey-oom",
+    ),
+    pytest.param(
+        valkey_errors.TimeoutError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraTimeoutError,
+        id="valkey-timeout",
+    ),
+    pytest.param(
+        valkey_errors.ConnectionError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraConnectionError,
+        id="valkey-connection",
+    ),
+    pytest.param(
+        valkey_errors.DataError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        ConfigurationError,
+        id="valkey-data",
+    ),
+    pytest.param(
+        valkey_errors.ResponseError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        ConfigurationError,
+        id="valkey-wrongtype",
+    ),
+    pytest.param(
+        valkey_errors.PubSubError(f"{SECRET} on valkey://:pw@cache:6379"),
+        VALKEY,
+        InfraUnexpectedError,
+        id="valkey-other",
     ),
     pytest.param(
         vault_errors.InvalidRequest(SECRET),

@@ -25,6 +25,7 @@ SPEC_TABLE = {
     Transport.KAFKA: ((5, 1.0, 60.0, 2.0), (3, 20.0)),
     Transport.CONSUL: ((3, 1.0, 30.0, 2.0), (3, 30.0)),
     Transport.VAULT: ((3, 0.1, 10.0, 2.0), (3, 60.0)),
+    Transport.VALKEY: ((3, 0.2, 5.0, 2.0), (10, 30.0)),
     Transport.HTTP: ((3, 0.5, 30.0, 2.0), (5, 60.0)),
     Transport.RUNTIME: ((3, 1.0, 60.0, 2.0), (5, 60.0)),
 }
@@ -34,6 +35,7 @@ BUDGETS = {
     Transport.KAFKA: (35.0, 120.0, 10.0),
     Transport.CONSUL: (35.0, 120.0, 10.0),
     Transport.VAULT: (15.0, 90.0, 10.0),
+    Transport.VALKEY: (15.0, 60.0, 10.0),
     Transport.HTTP: (45.0, 150.0, 10.0),
     Transport.RUNTIME: (60.0, 240.0, 10.0),
 }

@@ -81,7 +81,7 @@ def test_status_of_a_stack_never_started(cli_env: dict[str, str]) -> None:
     result = runner.invoke(app, ["dev", "status", "--json"], env=cli_env)
     assert result.exit_code == ExitCode.UNAVAILABLE
     services = json.loads(result.stdout)
-    assert [s["name"] for s in services] == ["temporal", "postgres", "kafka"]
+    assert [s["name"] for s in services] == ["temporal", "postgres", "kafka", "valkey"]
     assert {s["state"] for s in services} == {"stopped"}
 
 

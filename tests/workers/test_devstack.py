@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
 from temporalio.client import Client
+from valkey.asyncio import Valkey
 
 from contracts.search_attributes import SEARCH_ATTRIBUTES
 from contracts.topics import CATALOG
@@ -45,10 +46,10 @@ def _onex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
-    """`onex dev up` starts three healthy services that real clients use; `down` stops them all.
+    """`onex dev up` starts four healthy services that real clients use; `down` stops them all.
 
     A second `up` reuses the running processes; `down` keeps the data; the reported endpoints
-    are enough for asyncpg, aiokafka and the Temporal client.
+    are enough for asyncpg, aiokafka, valkey-py and the Temporal client.
     """
     env = isolated_environment(tmp_path / "state")
     up = _onex(env, "dev", "up", "--json")
@@ -61,6 +62,7 @@ async def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
             "temporal": "running",
             "postgres": "running",
             "kafka": "running",
+            "valkey": "running",
         }
         endpoints = {k: v for s in services.values() for k, v in s["endpoints"].items()}
 
@@ -95,6 +97,12 @@ async def test_up_status_down_through_the_cli(tmp_path: Path) -> None:
         finally:
             await consumer.stop()
         assert message.value == marker
+
+        host, port = endpoints["address"].rsplit(":", 1)
+        cache = Valkey(host=host, port=int(port), decode_responses=True)
+        assert await cache.set("onex:marker", "ok"), "the embedded Valkey should accept a SET"
+        assert await cache.get("onex:marker") == "ok"
+        await cache.aclose()
 
         again = _onex(env, "dev", "up", "--json")
         assert again.returncode == 0, again.stderr

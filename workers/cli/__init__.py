@@ -20,6 +20,7 @@ import typer
 
 from workers.cli import operations
 from workers.cli.admin import db_app, kafka_app
+from workers.cli.breakers import breakers_app
 from workers.cli.codec import codec_server
 from workers.cli.common import EPILOG
 from workers.cli.contracts import contracts_app
@@ -53,6 +54,7 @@ app.command("status")(operations.status_command)
 app.command("replay")(replay_command)
 app.add_typer(db_app, name="db")
 app.add_typer(kafka_app, name="kafka")
+app.add_typer(breakers_app, name="breakers")
 app.command("worker")(worker)
 app.command("ingress")(ingress)
 app.add_typer(nodes_app, name="nodes")

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
+from activities.resilience.fleet import BreakerNotFound
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import (
     CompensationFailedError,
@@ -51,6 +52,7 @@ EXIT_CODES: Mapping[type[BaseException], ExitCode] = {
     HandlerLoadError: ExitCode.BAD_INPUT,  # a refused handler contract or plugin
     OperationNotFound: ExitCode.NOT_FOUND,
     NodeNotFound: ExitCode.NOT_FOUND,
+    BreakerNotFound: ExitCode.NOT_FOUND,  # the message names the known breakers
     OperationFinished: ExitCode.BAD_INPUT,  # nothing left to retry
     CompensationFailedError: ExitCode.FAILED,
     # Library exceptions the commands let through.
