@@ -39,8 +39,8 @@ from temporalio.worker import Worker
 
 from activities.resilience.breaker import CircuitBreaker
 from contracts.resilience import BreakerSettings
-from tests.bench_heartbeats import bench_heartbeats
 from tests.bench_fleet import bench_fleet
+from tests.bench_heartbeats import bench_heartbeats
 from tests.builders import register_request
 from tests.conftest import isolated_settings
 from tests.sample_workflows import BareShapeWorkflow, bare_noop
