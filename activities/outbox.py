@@ -2,10 +2,11 @@
 
 :func:`enqueue` writes on the caller's connection, so a business write and its event can commit
 in one transaction (``PostgresHandler.upsert_node_and_enqueue``). The operation workflow queues
-its outcome events in an activity of their own, after the steps, since an outcome (registered,
-or failed) is known only once every backend has answered. The relay, running inside the worker
-process (not as an activity), publishes the rows afterwards. Kafka being down never blocks an
-operation: its events wait in the outbox.
+its outcome events after the steps, since an outcome (registered, or failed) is known only once
+every backend has answered; it writes them (and its started event) through local activities,
+run inside its workflow tasks, so an event costs an insert and no server round trip. The relay,
+running inside the worker process (not as an activity), publishes the rows afterwards. Kafka
+being down never blocks an operation: its events wait in the outbox.
 
 How a drain works (:meth:`OutboxRelay.drain`), one pass over the outbox:
 

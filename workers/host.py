@@ -32,7 +32,7 @@ import structlog
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 
 from activities.base import (
     BackgroundService,
@@ -169,6 +169,16 @@ class WorkerHost:
             identity=worker_settings.identity,
             max_concurrent_activities=worker_settings.max_concurrent_activities,
             max_concurrent_workflow_tasks=worker_settings.max_concurrent_workflow_tasks,
+            max_concurrent_local_activities=worker_settings.max_concurrent_local_activities,
+            workflow_task_poller_behavior=PollerBehaviorSimpleMaximum(
+                worker_settings.workflow_task_pollers
+            ),
+            # New workflows (a node's first operation, each operation's child) are as common
+            # as tasks of cached ones here, so the non-sticky queue gets half the pollers.
+            nonsticky_to_sticky_poll_ratio=1.0,
+            activity_task_poller_behavior=PollerBehaviorSimpleMaximum(
+                worker_settings.activity_task_pollers
+            ),
             graceful_shutdown_timeout=timedelta(seconds=worker_settings.graceful_shutdown_timeout),
         )
         for line in self.report.lines():

@@ -70,8 +70,19 @@ class WorkerSettings(Section):
 
     task_queue: str = Field(default="onex-orchestrator", min_length=1)
     identity: str | None = None
+    # Sized for a small machine (2 cores; docs/performance.md says how to size a fleet).
+    # Activities wait on the network, so many run at once on one event loop; workflow tasks
+    # are CPU-bound Python (the sandbox, the converter) under one GIL, so more slots than a
+    # few per core only queue inside the process instead of on the server, where another
+    # worker could take them.
     max_concurrent_activities: Annotated[int, Field(ge=1, le=10_000)] = 100
-    max_concurrent_workflow_tasks: Annotated[int, Field(ge=1, le=10_000)] = 100
+    max_concurrent_workflow_tasks: Annotated[int, Field(ge=1, le=10_000)] = 16
+    # The event writes (local activities, run inside workflow tasks).
+    max_concurrent_local_activities: Annotated[int, Field(ge=1, le=10_000)] = 50
+    # Long polls held open per task queue kind; half the workflow pollers take new workflows
+    # (the non-sticky queue), half the worker's own cached ones (its sticky queue).
+    workflow_task_pollers: Annotated[int, Field(ge=2, le=100)] = 4
+    activity_task_pollers: Annotated[int, Field(ge=1, le=100)] = 4
     graceful_shutdown_timeout: Seconds = 30.0
     contract_paths: list[Path] = Field(default_factory=lambda: [CONTRACTS_DIR / "handlers"])
     operation_paths: list[Path] = Field(default_factory=lambda: [CONTRACTS_DIR / "operations"])

@@ -21,10 +21,11 @@ step whose backend is disabled is reported as skipped, with the reason, and neve
   operation in ``compensation_paused``: it stays open, lists what is stuck and why, and waits
   for an operator's ``resume_compensation`` or ``abandon(reason)`` Update.
 
-Events (started, the outcome, completed or failed) are queued in the outbox through an activity,
-with ids from ``workflow.uuid4()`` so that a replay produces the same events. Event writes are
-bounded by time (24 h); one that still fails is listed in ``undelivered_events``, never dropped
-silently.
+Events (started, the outcome, completed or failed) are queued in the outbox through a local
+activity (an activity the worker runs inside the workflow task, so an event costs no server round
+trip: docs/decisions.md), with ids from ``workflow.uuid4()`` so that a replay produces the same
+events and a repeated write inserts nothing. Event writes are bounded by time (24 h); one that
+still fails is listed in ``undelivered_events``, never dropped silently.
 
 Replay safety: users upgrade workers while operations run, so every behaviour change below is
 guarded by ``workflow.patched`` with the reason beside it, and every committed golden history
@@ -83,6 +84,11 @@ PATCH_SUPERSEDED_UNDO = "onex-undo-superseded-by-newer-work"
 # never undone, leaving e.g. an orphaned Consul service: it now pushes a fenced, ambiguous
 # compensation, and an operation whose steps all failed runs those before it ends.
 PATCH_AMBIGUOUS_UNDO = "onex-ambiguous-failures-are-undone"
+# Each event write used to be an activity of its own: a server round trip apiece (started, the
+# outcome, completed), three of the four sequential round trips of a register_node. They are
+# now local activities, run by this worker inside the workflow task that emits them (recorded
+# as markers, so the command sequence differs: hence the patch). Same ids, same patience.
+PATCH_LOCAL_EVENTS = "onex-events-queued-in-the-workflow-task"
 
 PATIENT_BUDGET = timedelta(hours=24)
 """How long an event write or a compensation keeps trying before it asks for an operator."""
@@ -377,14 +383,21 @@ class OperationWorkflow:
             )
         )
 
-    async def _activity(self, activity: str, argument: Any, **options: Any) -> Any:
-        """Run an activity to its end even if the workflow is cancelled meanwhile.
+    async def _activity(
+        self, activity: str, argument: Any, *, local: bool = False, **options: Any
+    ) -> Any:
+        """Run an activity (``local``: in this worker) to its end even if the workflow is
+        cancelled meanwhile.
 
         A cancelled workflow must know whether a step it started took effect, so that it can
         undo it: the activity is not cancelled, the request is remembered, and the workflow
         acts on it once the activity has ended.
         """
-        handle = workflow.start_activity(activity, argument, **options)
+        handle = (
+            workflow.start_local_activity(activity, argument, **options)
+            if local
+            else workflow.start_activity(activity, argument, **options)
+        )
         while True:
             try:
                 return await asyncio.shield(handle)
@@ -557,9 +570,13 @@ class OperationWorkflow:
         patient = workflow.patched(PATCH_PATIENT_EVENTS)
         if patient:
             options = _patient(options)
+        # Histories written before the patch scheduled each event as a (remote) activity.
+        local = workflow.patched(PATCH_LOCAL_EVENTS)
+        if local:
+            options = _local(options)
         self._emitted.add(topic)
         try:
-            await self._activity(plan.event_activity, envelope, **options)
+            await self._activity(plan.event_activity, envelope, local=local, **options)
         except ActivityError as error:
             workflow.logger.warning("event %s could not be queued: %s", topic, error)
             if patient:
@@ -614,6 +631,24 @@ def _patient(options: dict[str, Any]) -> dict[str, Any]:
         ),
         "schedule_to_close_timeout": PATIENT_BUDGET,
     }
+
+
+LOCAL_RETRY_THRESHOLD = timedelta(seconds=30)
+"""A local activity's backoff up to this is waited in the worker; longer, on a durable timer."""
+
+
+def _local(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for a local activity: the same retry policy and budget, no heartbeat.
+
+    A local activity runs in the workflow task's worker, so it has no heartbeat timeout (the
+    event write is one short insert). Its attempts are at least once like a remote activity's:
+    a worker lost mid-write runs it again from the same history, with the same event id, and
+    the outbox inserts an id once. A backoff longer than the threshold is waited on a timer
+    the server keeps, so a long database outage survives a worker restart.
+    """
+    local = {key: value for key, value in options.items() if key != "heartbeat_timeout"}
+    local["local_retry_threshold"] = LOCAL_RETRY_THRESHOLD
+    return local
 
 
 def _patient_compensation(entry: Compensation) -> dict[str, Any]:

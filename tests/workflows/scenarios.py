@@ -12,7 +12,7 @@ import asyncio
 import os
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -102,7 +102,8 @@ class Backends:
             outcome = await outcome
         return default if outcome is None else outcome
 
-    def activities(self) -> list[Callable[..., Any]]:
+    def activities(self, *, only: Collection[str] | None = None) -> list[Callable[..., Any]]:
+        """The scripted activities (those named in ``only``, if given)."""
         breakers = BreakerRegistry()
 
         def boundary(transport: Transport) -> ActivityBoundary:
@@ -180,7 +181,11 @@ class Backends:
             ),
             "postgres.deactivate_node": postgres.wrap("deactivate_node", deactivate_node),
         }
-        return [activity.defn(name=name)(fn) for name, fn in definitions.items()]
+        return [
+            activity.defn(name=name)(fn)
+            for name, fn in definitions.items()
+            if only is None or name in only
+        ]
 
 
 def scripted_policy(transport: Transport) -> ResiliencePolicy:

@@ -101,7 +101,15 @@ async def test_a_worker_killed_mid_call_loses_only_its_attempt(
     succeeds: the operation ends success, not partial, and reports 4 attempts."""
     client = temporal_env.client
     config = client.service_client.config
-    async with Worker(client, task_queue=task_queue, workflows=WORKFLOWS):
+    # The workflow worker runs the event writes itself (local activities), and no step.
+    events = Backends().activities(only={"postgres.enqueue_event"})
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=events,
+        no_remote_activities=True,
+    ):
         handle = await start(client, task_queue, budget_plan())
         for attempt in range(1, CRASHES + 1):
             child = await asyncio.create_subprocess_exec(

@@ -25,6 +25,8 @@ EXPECTED = {
     "register_partial_retry_success.json",
     "register_partial_window_expired_compensated.json",
     "register_success.json",
+    # Recorded after PATCH_LOCAL_EVENTS: the events as local activities (markers).
+    "register_success_local_events.json",
     "register_superseded_undo.json",
 }
 
