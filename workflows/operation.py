@@ -9,8 +9,10 @@ step whose backend is disabled is reported as skipped, with the reason, and neve
   ``retry_failed(backend)`` re-runs only the failed steps (or one of them); succeeded steps are
   never repeated. When the window expires, the succeeded steps are compensated.
 * Cancellation waits for steps in flight and for a running retry, compensates everything on
-  the stack (shielded), then the workflow ends cancelled. A cancel before any step started
-  writes nothing; a cancel after the operation succeeded reports the success.
+  the stack (shielded), then the workflow ends cancelled. A cancel is acted on at durable
+  points only: the steps (remote activities, ordered in the history) and the settled outcome.
+  One that arrives while an event is queued (a local activity, which replay may resolve before
+  the cancel) decides nothing there; one after the outcome is settled reports the outcome.
 * Every compensation is fenced (the activities compare against what this run wrote): one that
   finds newer work by another run changes nothing and reports ``superseded``, and the step is
   shown superseded with the reason, never as a failure. A step that finally failed in a way
@@ -89,6 +91,14 @@ PATCH_AMBIGUOUS_UNDO = "onex-ambiguous-failures-are-undone"
 # now local activities, run by this worker inside the workflow task that emits them (recorded
 # as markers, so the command sequence differs: hence the patch). Same ids, same patience.
 PATCH_LOCAL_EVENTS = "onex-events-queued-in-the-workflow-task"
+# A cancel seen while an event (a local activity) was being queued used to decide what came
+# next: skip the steps after the started event, report success after the completed one. When
+# the worker running that write died, replay can resolve the write before the cancel (the
+# server keeps no event for a local activity until its marker), so the code took the other
+# branch and the history no longer replayed. A cancel is now acted on at durable points only:
+# once the steps (remote activities) are scheduled, and when the outcome is settled, before
+# the last events.
+PATCH_CANCEL_AT_DURABLE_POINTS = "onex-cancel-acted-on-at-durable-points"
 
 PATIENT_BUDGET = timedelta(hours=24)
 """How long an event write or a compensation keeps trying before it asks for an operator."""
@@ -134,9 +144,15 @@ class OperationWorkflow:
             step.backend: BackendResult(backend=step.backend) for step in operation.plan.steps
         }
         self._publish_attributes(initial=True)
+        # Asked before the first await, where every run (and its replay) asks it.
+        durable = workflow.patched(PATCH_CANCEL_AT_DURABLE_POINTS)
         try:
             await self._emit(WORKFLOW_STARTED)
-            if self._cancel_requested and workflow.patched(PATCH_CANCEL_BEFORE_STEPS):
+            if (
+                not durable
+                and self._cancel_requested
+                and workflow.patched(PATCH_CANCEL_BEFORE_STEPS)
+            ):
                 raise asyncio.CancelledError("cancelled before any step started")
             await self._run_steps([step.backend for step in operation.plan.steps])
             self._aggregate()
@@ -158,8 +174,10 @@ class OperationWorkflow:
                 # The retried step must end (and push its compensation) before the stack drains.
                 await workflow.wait_condition(lambda: not self._retrying)
             await self._compensate()
+        # The outcome is settled: a cancel that arrives during the last events changes nothing.
+        cancelled = self._cancel_requested
         await self._finish()
-        if self._cancel_requested:
+        if cancelled if durable else self._cancel_requested:
             if self._status is OperationStatus.SUCCESS and workflow.patched(
                 PATCH_CANCEL_AFTER_SUCCESS
             ):

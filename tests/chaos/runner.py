@@ -35,6 +35,7 @@ from aiokafka import AIOKafkaConsumer
 from temporalio.client import (
     WorkflowExecutionStatus,
     WorkflowHistory,
+    WorkflowQueryFailedError,
     WorkflowUpdateFailedError,
     WorkflowUpdateRPCTimeoutOrCancelledError,
 )
@@ -63,6 +64,7 @@ from workers.client import (
     start_operation,
 )
 from workers.devstack import DevStack, ServiceName, superuser_dsn
+from workers.replay import replayer
 from workers.settings import DevSettings, OnexSettings, TemporalSettings, WorkerSettings
 from workflows.operation import OperationWorkflow
 
@@ -606,7 +608,13 @@ class Chaos:
             self.histories.append(await _patient(handle.fetch_history))
             if execution.workflow_type != OperationWorkflow.__name__:
                 continue
-            result = await _patient(functools.partial(handle.query, OperationWorkflow.status))
+            try:
+                result = await _patient(functools.partial(handle.query, OperationWorkflow.status))
+            except WorkflowQueryFailedError as error:
+                self.figures.problems.append(
+                    f"{execution.id} (run {execution.run_id}) cannot be queried: {error}"
+                )
+                continue
             results.append(result)
             self.figures.statuses[result.status.value] += 1
             running = execution.status is WorkflowExecutionStatus.RUNNING
@@ -660,6 +668,24 @@ class Chaos:
                 self.figures.problems.append(f"unexplained dead letter on {row['topic']}")
         self._check_outages()
         self._check_secrets(results)
+        await self._check_replay()
+
+    async def _check_replay(self) -> None:
+        """Every history of the run replays with the current code: a worker that picks an
+        execution up after a kill (or answers a query on a cold cache) must take the path the
+        first one took. A history that does not is kept for the regression corpus."""
+        kept = Path(tempfile.gettempdir()) / f"onex-chaos-{self.figures.seed}-nondeterministic"
+        for history in self.histories:
+            result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
+            if result.replay_failure is None:
+                continue
+            kept.mkdir(exist_ok=True)
+            name = f"{history.workflow_id}.json"
+            (kept / name).write_text(history.to_json())
+            self.figures.problems.append(
+                f"{history.workflow_id} does not replay ({result.replay_failure}); "
+                f"history kept as {kept / name}"
+            )
 
     def _check_outages(self) -> None:
         """How many cuts of each backend overlapped forward steps and compensations (from

@@ -28,6 +28,10 @@ EXPECTED = {
     # Recorded after PATCH_LOCAL_EVENTS: the events as local activities (markers).
     "register_success_local_events.json",
     "register_superseded_undo.json",
+    # Recorded after PATCH_CANCEL_AT_DURABLE_POINTS: a worker lost while it queued an event,
+    # a cancel meanwhile (the shape the chaos runner found with seed 5).
+    "register_cancelled_worker_lost_during_started_event.json",
+    "register_success_worker_lost_during_completed_event.json",
 }
 
 
