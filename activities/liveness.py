@@ -16,7 +16,8 @@
   silence, a shutdown event on the node's behalf for a node silent that long: the ingress
   then deregisters it through the per-node path, like any shutdown.
 * :func:`read_nodes` is the one read of the fleet (registry rows joined with their liveness),
-  used by ``onex nodes`` and the client helpers; a cache would go in front of it.
+  used by ``onex nodes`` and the client helpers, which put the Valkey read-through cache
+  (:mod:`activities.cache`) in front of it when Valkey is configured.
 """
 
 from __future__ import annotations
@@ -362,7 +363,8 @@ async def read_fleet(
 ) -> list[NodeView]:
     """:func:`read_nodes` on a connection of its own (``onex nodes``, the client helpers).
 
-    The one read of the fleet from outside a worker: a cache, when one is needed, goes here.
+    The one read of the fleet from outside a worker: the loader that ``get_node`` and
+    ``list_nodes`` hand to the Valkey cache (:func:`workers.client.list_nodes`).
     """
     import asyncpg
 

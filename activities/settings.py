@@ -12,9 +12,9 @@ Secrets are ``SecretStr`` from the moment they are read: their ``repr`` and ``st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from contracts.credentials import find_credential
 
@@ -143,6 +143,14 @@ class ValkeySettings(Section):
     tls_ca_file: Path | None = None
     timeout: Seconds = 2.0
     key_prefix: str = Field(default="onex:", pattern=r"^[A-Za-z0-9_.:-]*$")
+    cache_ttl: Seconds = 5.0
+    cache_keep: Seconds = 86_400.0
+
+    @model_validator(mode="after")
+    def _keep_covers_ttl(self) -> Self:
+        if self.cache_keep < self.cache_ttl:
+            raise ValueError("cache_keep must be at least cache_ttl")
+        return self
 
     @property
     def enabled(self) -> bool:

@@ -1,16 +1,20 @@
-"""Helpers of the ingress, heartbeat and liveness tests: raw records, dead letters, settings."""
+"""Helpers of the ingress, heartbeat, liveness and fleet-read tests: raw records, dead letters,
+settings, a seeded fleet."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from activities.ingest import DEAD_LETTER_TOPIC
+from activities.liveness import Beat, upsert_heartbeats
+from activities.migrate import migrate
 from workers.settings import IngressSettings, OnexSettings
 
 
@@ -119,3 +123,30 @@ def header(record: Any, name: str) -> str | None:
         if key == name:
             return bytes(value).decode()
     return None
+
+
+async def seed_fleet(pg_dsn: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """A migrated registry with two active nodes, one of them silent and marked unhealthy:
+    their ids (alive, silent)."""
+    alive, silent = uuid.uuid4(), uuid.uuid4()
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        await migrate(connection)
+        for node_id, name in ((alive, "alive"), (silent, "silent")):
+            await connection.execute(
+                "INSERT INTO onex_nodes (node_id, node_type, node_version, service_name, address,"
+                " port) VALUES ($1, 'compute', '2.0.0', $2, '10.0.0.7', 9000)",
+                node_id,
+                name,
+            )
+        now = datetime.now(UTC)
+        await upsert_heartbeats(
+            connection,
+            [Beat(alive, now, "ready"), Beat(silent, now - timedelta(seconds=500), "busy")],
+        )
+        await connection.execute(
+            "UPDATE onex_node_liveness SET liveness = 'unhealthy' WHERE node_id = $1", silent
+        )
+    finally:
+        await connection.close()
+    return alive, silent

@@ -27,12 +27,12 @@ import contextlib
 import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
@@ -51,7 +51,7 @@ from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 
 from activities.base import SecretSource
 from activities.resilience.correlation import ensure_correlation_id
-from contracts.errors import OperationError
+from contracts.errors import ErrorContext, InfraError, OperationError, Transport
 from contracts.fleet import FleetState, NodeView
 from contracts.node import NodeInput, NodeState, Submission, node_workflow_id
 from contracts.operation_contract import (
@@ -70,6 +70,11 @@ from workers.interceptors import CorrelationInterceptor
 from workers.settings import OnexSettings
 from workflows.node import NodeWorkflow
 from workflows.operation import OperationWorkflow, result_in_failure
+
+if TYPE_CHECKING:
+    from activities.cache import Cached
+
+T = TypeVar("T")
 
 
 async def connect(
@@ -528,21 +533,36 @@ class NodeNotFound(OperationError, LookupError):
     """The registry has no node with that id."""
 
 
+_REGISTRY_READ = ErrorContext(
+    transport=Transport.DATABASE, operation="read_fleet", target="postgresql-primary"
+)
+
+
 async def list_nodes(
     settings: OnexSettings,
     *,
     state: FleetState | None = None,
     secrets: SecretSource | None = None,
     limit: int = 10_000,
-) -> list[NodeView]:
-    """The registry's nodes with their liveness (``state``: only active, unhealthy or inactive).
+) -> Cached[list[NodeView]]:
+    """The registry's nodes with their liveness (``state``: only active, unhealthy or inactive),
+    and where the answer came from (``.value``, ``.stale``, ``.source``, ``.age_seconds``).
 
     Reads PostgreSQL (:func:`activities.liveness.read_fleet`, imported here so that a process
-    that only starts operations does not load asyncpg).
+    that only starts operations does not load asyncpg), through the Valkey cache when
+    ``ONEX_VALKEY__ADDRESS`` is set (:func:`_read_registry`). Each ``state`` and ``limit`` is
+    an entry of its own.
     """
     from activities.liveness import read_fleet
 
-    return await read_fleet(settings.postgres, secrets=secrets, state=state, limit=limit)
+    return await _read_registry(
+        settings,
+        namespace="registry.nodes",
+        key=f"{state.value if state else 'all'}:{limit}",
+        adapter=TypeAdapter(list[NodeView]),
+        loader=lambda: read_fleet(settings.postgres, secrets=secrets, state=state, limit=limit),
+        secrets=secrets,
+    )
 
 
 async def get_node(
@@ -551,19 +571,83 @@ async def get_node(
     *,
     client: Client | None = None,
     secrets: SecretSource | None = None,
-) -> NodeView:
-    """One node, with the operation open on it when ``client`` is given (its node workflow)."""
+) -> Cached[NodeView]:
+    """One node, and where the answer came from (as :func:`list_nodes`); with the operation
+    open on it when ``client`` is given (asked of its node workflow, never cached).
+
+    An unknown node raises :class:`NodeNotFound` (never cached: the registry is asked again).
+    """
     from activities.liveness import read_fleet
 
-    found = await read_fleet(settings.postgres, secrets=secrets, node_id=node_id, limit=1)
-    if not found:
-        raise NodeNotFound(f"the registry has no node {node_id}: onex nodes list shows them")
-    node = found[0]
+    async def load() -> NodeView:
+        found = await read_fleet(settings.postgres, secrets=secrets, node_id=node_id, limit=1)
+        if not found:
+            raise NodeNotFound(f"the registry has no node {node_id}: onex nodes list shows them")
+        return found[0]
+
+    answer = await _read_registry(
+        settings,
+        namespace="registry.node",
+        key=str(node_id),
+        adapter=TypeAdapter(NodeView),
+        loader=load,
+        secrets=secrets,
+    )
     if client is None:
-        return node
+        return answer
     try:
         state = await get_node_state(client, node_id)
     except (OperationNotFound, RPCError):  # no node workflow, or no worker to answer
-        return node
+        return answer
     running = state.running or (state.queued[0] if state.queued else None)
-    return node.model_copy(update={"open_operation": running.workflow_id if running else None})
+    node = answer.value.model_copy(
+        update={"open_operation": running.workflow_id if running else None}
+    )
+    return replace(answer, value=node)
+
+
+async def _read_registry(
+    settings: OnexSettings,
+    *,
+    namespace: str,
+    key: str,
+    adapter: TypeAdapter[T],
+    loader: Callable[[], Awaitable[T]],
+    secrets: SecretSource | None = None,
+) -> Cached[T]:
+    """``loader()`` (a registry query) through the Valkey read-through cache, when Valkey is
+    configured; without it, the query alone (no other I/O).
+
+    An entry is fresh for ``ONEX_VALKEY__CACHE_TTL`` seconds. While PostgreSQL is unreachable
+    the last answer (kept ``ONEX_VALKEY__CACHE_KEEP`` seconds) comes back marked stale; while
+    Valkey is, the query answers, fresh (:class:`activities.cache.ReadThroughCache`). An
+    unreachable PostgreSQL with nothing cached raises the outage as the error tree's class
+    (:class:`~contracts.errors.InfraConnectionError`, ``InfraTimeoutError`` or
+    ``InfraUnavailableError``); a refusal (a missing table, ...) is raised as it is.
+    """
+    from activities.cache import ReadThroughCache, is_outage
+    from activities.resilience.classify import classify
+
+    valkey = settings.valkey
+    connection = None
+    if valkey.enabled:
+        from activities.valkey import connect_valkey
+
+        connection = await connect_valkey(valkey, secrets, client_name="onex-client")
+    cache = ReadThroughCache(
+        connection,
+        namespace=namespace,
+        adapter=adapter,
+        ttl_seconds=valkey.cache_ttl,
+        keep_seconds=valkey.cache_keep,
+        prefix=valkey.key_prefix,
+    )
+    try:
+        return await cache.get(key, loader)
+    except Exception as exc:
+        if isinstance(exc, InfraError) or not is_outage(exc):
+            raise
+        raise classify(exc, _REGISTRY_READ) from exc
+    finally:
+        if connection is not None:
+            await connection.aclose()

@@ -231,7 +231,7 @@ async def _fleet(settings: OnexSettings, console: Console) -> bool:
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            nodes = [n for n in await list_nodes(settings) if n.node_id in ids]
+            nodes = [n for n in (await list_nodes(settings)).value if n.node_id in ids]
             registered = nodes
             heard = all(n.last_seen is not None for n in nodes if n.node_id != silent)
             if len(nodes) == len(ids) and heard and not announced:

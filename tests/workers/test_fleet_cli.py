@@ -6,14 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
 
-import asyncpg
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner
 
-from activities.liveness import Beat, upsert_heartbeats
-from activities.migrate import migrate
+from tests.fleet_support import seed_fleet
 from workers.cli import app
 from workers.cli.exit_codes import ExitCode
 from workers.settings import OnexSettings
@@ -32,39 +29,13 @@ def _env(backends: OnexSettings, pg_dsn: str, cli_env: dict[str, str]) -> dict[s
     }
 
 
-async def _fleet(pg_dsn: str) -> tuple[uuid.UUID, uuid.UUID]:
-    """Two active nodes, one of them silent and marked unhealthy."""
-    alive, silent = uuid.uuid4(), uuid.uuid4()
-    connection = await asyncpg.connect(pg_dsn)
-    try:
-        await migrate(connection)
-        for node_id, name in ((alive, "alive"), (silent, "silent")):
-            await connection.execute(
-                "INSERT INTO onex_nodes (node_id, node_type, node_version, service_name, address,"
-                " port) VALUES ($1, 'compute', '2.0.0', $2, '10.0.0.7', 9000)",
-                node_id,
-                name,
-            )
-        now = datetime.now(UTC)
-        await upsert_heartbeats(
-            connection,
-            [Beat(alive, now, "ready"), Beat(silent, now - timedelta(seconds=500), "busy")],
-        )
-        await connection.execute(
-            "UPDATE onex_node_liveness SET liveness = 'unhealthy' WHERE node_id = $1", silent
-        )
-    finally:
-        await connection.close()
-    return alive, silent
-
-
 async def test_nodes_list_and_get_show_status_liveness_and_last_heartbeat(
     backends: OnexSettings, pg_dsn: str, cli_env: dict[str, str]
 ) -> None:
     """`onex nodes list --json` shows every node with its state, liveness and last heartbeat;
     `--state unhealthy` only the silent one; `onex nodes get` one node (exit 0), and an
     unknown id exits 5."""
-    alive, silent = await _fleet(pg_dsn)
+    alive, silent = await seed_fleet(pg_dsn)
     env = _env(backends, pg_dsn, cli_env)
 
     def invoke(*args: str) -> object:
@@ -77,17 +48,20 @@ async def test_nodes_list_and_get_show_status_liveness_and_last_heartbeat(
     missing = await asyncio.to_thread(invoke, "nodes", "get", str(uuid.uuid4()))
     for result in (listed, unhealthy, got):
         assert result.exit_code == 0, result.output  # type: ignore[attr-defined]
-    nodes = {node["node_id"]: node for node in json.loads(listed.stdout)}  # type: ignore[attr-defined]
+    answer = json.loads(listed.stdout)  # type: ignore[attr-defined]
+    assert (answer["stale"], answer["source"]) == (False, "database"), "no Valkey: a direct read"
+    nodes = {node["node_id"]: node for node in answer["nodes"]}
     assert nodes[str(alive)]["state"] == "active"
     assert nodes[str(silent)]["state"] == "unhealthy"
     assert nodes[str(silent)]["reported_state"] == "busy"
     assert nodes[str(alive)]["last_seen"] is not None
-    only = [node["node_id"] for node in json.loads(unhealthy.stdout)]  # type: ignore[attr-defined]
+    only = [node["node_id"] for node in json.loads(unhealthy.stdout)["nodes"]]  # type: ignore[attr-defined]
     assert only == [str(silent)], "--state unhealthy must show only the silent node"
     node = json.loads(got.stdout)  # type: ignore[attr-defined]
     assert node["address"] == "10.0.0.7"
     assert node["node_version"] == "2.0.0"
     assert node["open_operation"] is None
+    assert (node["stale"], node["source"], node["age_seconds"]) == (False, "database", 0.0)
     assert missing.exit_code == ExitCode.NOT_FOUND, missing.output  # type: ignore[attr-defined]
 
 

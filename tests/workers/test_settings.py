@@ -20,6 +20,8 @@ def test_defaults_point_at_the_embedded_stack(monkeypatch: pytest.MonkeyPatch) -
     assert settings.kafka.enable_idempotence is False, "the embedded broker has no idempotence"
     assert not settings.consul.enabled
     assert not settings.vault.enabled, "Vault is opt-in"
+    assert not settings.valkey.enabled, "Valkey is opt-in"
+    assert (settings.valkey.cache_ttl, settings.valkey.cache_keep) == (5.0, 86_400.0)
 
 
 def test_nested_environment_variables_override(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,6 +43,8 @@ def test_nested_environment_variables_override(monkeypatch: pytest.MonkeyPatch) 
         ),
         ("ONEX_TEMPORAL__PORT", "70000", "ONEX_TEMPORAL__PORT: Input should be less than or equal"),
         ("ONEX_WORKER__LOG_LEVEL", "loud", "ONEX_WORKER__LOG_LEVEL: Input should be 'debug'"),
+        ("ONEX_VALKEY__CACHE_TTL", "0", "ONEX_VALKEY__CACHE_TTL: Input should be greater than 0"),
+        ("ONEX_VALKEY__CACHE_KEEP", "1", "ONEX_VALKEY: Value error, cache_keep must be at least"),
     ],
 )
 def test_an_invalid_value_names_the_key_and_the_expected_form(

@@ -4,8 +4,10 @@ the fleet that announces itself on Kafka, and what the orchestrator knows about 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,11 +18,15 @@ from workers.cli.common import (
     EPILOG,
     JsonOption,
     console,
+    err_console,
     run_async,
     settings_or_exit,
     temporal_client,
 )
 from workers.settings import OnexSettings
+
+if TYPE_CHECKING:
+    from activities.cache import Cached
 
 nodes_app = typer.Typer(
     help="The fleet: nodes registered, their heartbeats and liveness.\n\n"
@@ -36,6 +42,28 @@ schedules_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
+
+
+def _read_fields(answer: Cached[Any]) -> dict[str, Any]:
+    """Where a registry read's answer came from, as ``--json`` shows it."""
+    return {
+        "stale": answer.stale,
+        "source": answer.source,
+        "age_seconds": round(answer.age_seconds, 3),
+    }
+
+
+def _say_if_stale(answer: Cached[Any]) -> None:
+    """A stale answer (PostgreSQL unreachable, served from the Valkey cache) says so on
+    standard error; the command still exits 0."""
+    if answer.stale:
+        err_console.print(
+            f"stale: PostgreSQL unreachable, cached {answer.age_seconds:.0f} s ago",
+            style="yellow",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _ago(node: NodeView) -> str:
@@ -73,16 +101,22 @@ def nodes_list(
 ) -> None:
     """List the registered nodes: status, address, version, last heartbeat and liveness.
 
+    With ONEX_VALKEY__ADDRESS set, reads go through a short-lived cache: while PostgreSQL is
+    unreachable the last answer is shown, marked stale on standard error, and the command
+    exits 0. --json prints {"stale", "source", "age_seconds", "nodes": [...]}.
+
     Example: onex nodes list --state unhealthy --json
     """
     from workers.client import list_nodes
 
     settings = settings_or_exit()
-    nodes = run_async(lambda: list_nodes(settings, state=state), failing="cannot read the fleet")
+    answer = run_async(lambda: list_nodes(settings, state=state), failing="cannot read the fleet")
+    _say_if_stale(answer)
     if as_json:
-        typer.echo("[" + ",".join(node.model_dump_json() for node in nodes) + "]")
+        nodes = [node.model_dump(mode="json") for node in answer.value]
+        typer.echo(json.dumps({**_read_fields(answer), "nodes": nodes}))
         return
-    console.print(_table(nodes))
+    console.print(_table(answer.value))
 
 
 @nodes_app.command("get")
@@ -92,7 +126,9 @@ def nodes_get(
 ) -> None:
     """Show one node: status, addresses, version, last heartbeat, liveness, open operation.
 
-    Exit 5 when the registry has no such node.
+    Exit 5 when the registry has no such node. As `nodes list`, a stale answer from the
+    cache says so on standard error and exits 0; --json adds "stale", "source" and
+    "age_seconds" to the node's fields.
 
     Example: onex nodes get 3f1c2d9e-8b7a-4c1e-9f0a-2b3c4d5e6f70
     """
@@ -100,18 +136,21 @@ def nodes_get(
 
     settings = settings_or_exit()
 
-    async def read() -> NodeView:
-        try:
-            async with temporal_client(settings) as client:
-                return await get_node(settings, node_id, client=client)
-        except InfraConnectionError:
-            return await get_node(settings, node_id)  # Temporal away: the registry alone
+    async def read() -> Cached[NodeView]:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                client = await stack.enter_async_context(temporal_client(settings))
+            except InfraConnectionError:
+                client = None  # Temporal away: the registry alone
+            return await get_node(settings, node_id, client=client)
 
-    node = run_async(read, failing="cannot read the node")
+    answer = run_async(read, failing="cannot read the node")
+    _say_if_stale(answer)
+    fields = answer.value.model_dump(mode="json")
     if as_json:
-        typer.echo(node.model_dump_json(indent=2))
+        typer.echo(json.dumps({**fields, **_read_fields(answer)}, indent=2))
         return
-    for name, value in node.model_dump(mode="json").items():
+    for name, value in fields.items():
         console.print(f"{name:<27} {value}", markup=False, highlight=False)
 
 
