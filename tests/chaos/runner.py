@@ -289,6 +289,9 @@ class Chaos:
         self.profile, self.rng, self.root = profile, random.Random(seed), root
         self.figures = Figures(seed=seed, profile="")
         self.nodes = [uuid.uuid4() for _ in range(profile.nodes)]
+        # Nodes of their own for the registrations stopped half-way: no storm operation on
+        # the node supersedes one before its backend is cut. Checked like the others.
+        self.halfway_nodes = [uuid.uuid4() for _ in range(profile.compensation_outages)]
         self.background: set[asyncio.Task[Any]] = set()
         self.windows: list[Window] = []
         self.histories: list[WorkflowHistory] = []
@@ -480,7 +483,8 @@ class Chaos:
             await self._outage(kind.removesuffix("_outage"))
         elif kind == "compensation_outage":
             backend = ("postgres", "kafka")[self.figures.injected[kind] % 2]
-            node, seconds = self.rng.choice(self.nodes), self.rng.uniform(3.0, 12.0)
+            node = self.halfway_nodes[self.figures.injected[kind] - 1]
+            seconds = self.rng.uniform(3.0, 12.0)
             port = self.rng.randrange(9000, 9100)
             task = asyncio.create_task(self._compensation_outage(backend, node, port, seconds))
             self.background.add(task)
@@ -502,11 +506,11 @@ class Chaos:
         """A registration stopped half-way (the Consul fake refuses its service), cancelled
         while ``backend`` is cut: its compensation runs into the outage. A registration that
         ends another way first (its node busy, a worker killed while it waited) is tried
-        again, at most three times."""
+        again, at most five times."""
         service_id = f"onex-effect-{node}"
         self.agent.refused_services.add(service_id)
         try:
-            for attempt in range(3):
+            for attempt in range(5):
                 request = register_request(node_id=node, address="127.0.0.1", port=port + attempt)
                 handle = await self._start("register_node", request)
                 outcome = "refused" if handle is None else await self._became_partial(handle.id)
@@ -628,7 +632,7 @@ class Chaos:
     async def _open_operations(self) -> set[str]:
         """Operations still running or queued without a reason an operator must act on."""
         still: set[str] = set()
-        for node in self.nodes:
+        for node in [*self.nodes, *self.halfway_nodes]:
             try:
                 state = await _patient(functools.partial(get_node_state, self.client, node))
             except OperationNotFound:
@@ -657,7 +661,7 @@ class Chaos:
                 for row in await connection.fetch("SELECT event_id FROM onex_outbox")
             }
             await self._check_events(queued_ids, len(dead))  # read after the outbox: no race
-            for node in self.nodes:
+            for node in [*self.nodes, *self.halfway_nodes]:
                 await self._check_node(connection, node)
         finally:
             await connection.close()
