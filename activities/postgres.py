@@ -73,7 +73,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import asyncpg
 import structlog
@@ -97,7 +97,12 @@ from activities.resilience.correlation import current_correlation_id
 from activities.resilience.refresh import refresh_once
 from activities.settings import PostgresSettings
 from activities.writer import current_writer, is_ours, writer_workflow
-from contracts.errors import ConfigurationError, ErrorContext, Transport
+from contracts.errors import (
+    ConfigurationError,
+    ErrorContext,
+    InfraAuthenticationError,
+    Transport,
+)
 from contracts.events import EventEnvelope
 from contracts.fleet import LivenessSweepInput, LivenessSweepResult
 from contracts.registry import (
@@ -320,6 +325,8 @@ class PostgresHandler(HandlerBase):
         # Bumped by every rebuild, so that concurrent refusals lead to one rebuild, not many.
         self._pool_generation = 0
         self._migrations_applied: list[str] = []
+        # Where the password last used came from: "secret", "setting", or None for none.
+        self._login_from: Literal["secret", "setting"] | None = None
 
     @property
     def target(self) -> str:
@@ -332,9 +339,37 @@ class PostgresHandler(HandlerBase):
         await super().initialize(config)
         try:
             self._migrations_applied = await self._run(migrate)
+        except _AUTH_ERRORS as refused:  # what a user starting the worker reads: what to fix
+            await self.shutdown(self._settings.connect_timeout)
+            raise self._refused(refused) from refused
         except BaseException:
             await self.shutdown(self._settings.connect_timeout)
             raise
+
+    def _refused(self, refused: BaseException) -> InfraAuthenticationError:
+        """The database refused the user (after one refresh): where the password came from,
+        by the name of its secret or setting, never its value."""
+        user, native = self._settings.user, type(refused).__name__
+        if self._login_from is None:
+            remedy = (
+                f"user {user} needs a password ({native}): set the secret {PASSWORD_SECRET} "
+                "or ONEX_POSTGRES__PASSWORD"
+            )
+        else:
+            where = (
+                f"the secret {PASSWORD_SECRET}"
+                if self._login_from == "secret"
+                else "ONEX_POSTGRES__PASSWORD"
+            )
+            remedy = (
+                f"the database refused user {user} ({native}): check {where} and "
+                "ONEX_POSTGRES__USER"
+            )
+        return InfraAuthenticationError.at(
+            self.target,
+            remedy,
+            context=ErrorContext(transport=self.transport, operation="connect", target=self.target),
+        )
 
     async def shutdown(self, timeout_seconds: float = 30.0) -> None:
         """Close the pool this handler created: gracefully within the timeout, else terminate."""
@@ -582,7 +617,12 @@ class PostgresHandler(HandlerBase):
         )
 
     async def _password(self) -> SecretStr | None:
-        return await resolve_password(self._settings, self.resources.secrets)
+        password = await resolve_password(self._settings, self.resources.secrets)
+        if password is None:
+            self._login_from = None
+        else:  # resolve_password returns the setting itself when it is the one used
+            self._login_from = "setting" if password is self._settings.password else "secret"
+        return password
 
 
 async def resolve_password(
