@@ -37,6 +37,7 @@ from contracts.errors import Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import default_policy
 from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered, with_kafka
+from tests.fakes import planted
 from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import free_port, wait_until
 from workers.settings import OnexSettings
@@ -300,7 +301,7 @@ async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings
     class Secrets:
         async def get_secret(self, name: str, *, required: bool = True) -> Any:
             asked.append(name)
-            return "s3cr3t-from-vault"
+            return planted.SASL_PASSWORD
 
         async def refresh(self, name: str) -> None:
             return None
@@ -310,7 +311,7 @@ async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings
     assert asked == ["kafka.sasl.password"]
     assert options["security_protocol"] == "SASL_PLAINTEXT"
     assert options["sasl_mechanism"] == "PLAIN"
-    assert options["sasl_plain_password"] == "s3cr3t-from-vault"
+    assert options["sasl_plain_password"] == planted.SASL_PASSWORD
     assert options["sasl_plain_username"] == "onex"
 
 

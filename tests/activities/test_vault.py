@@ -47,14 +47,15 @@ from contracts.errors import (
 )
 from contracts.registry import RegisterNodeRequest
 from contracts.resilience import default_policy
+from tests.fakes import planted
 from tests.fakes.vault_server import FakeVaultServer
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
 from tests.support import free_port, wait_until
 from workers.settings import OnexSettings
 
-ROOT = "root-token-for-vault-tests-0001"
+ROOT = planted.VAULT_TOKEN
 ROLE_ID = "role-onex-worker"
-SECRET_ID = "secret-id-for-vault-tests-42"
+SECRET_ID = planted.APPROLE_SECRET_ID
 DB_PATH = "database/postgres"
 DB_PASSWORD = "pg-password-v1-Zq8!"
 DB_PASSWORD_ROTATED = "pg-password-v2-Lm3?"
