@@ -55,7 +55,8 @@ Idempotency rules (every operation may run again: Temporal retries it after a lo
   ``deactivated`` is True when ``previous`` (the stored pre-image, for a repeat) was active.
 * ``enqueue_event`` inserts once per ``event_id``; a repeat reports ``enqueued=False``.
   ``upsert_node_and_enqueue`` commits the node and its event together, or neither.
-* ``check_and_record`` has exactly one winner per ``(domain, message_id)``, under any race.
+* ``check_and_record`` has exactly one winner per ``(domain, message_id)``, under any race;
+  ``is_processed`` tells whether a message was recorded.
 
 Each operation makes one attempt; failures propagate as native asyncpg/OS errors for the
 activity boundary to classify. The one exception is a refused password: the password is
@@ -228,7 +229,7 @@ DELETE FROM onex_processed_messages
 WHERE processed_at < now() - $1::double precision * interval '1 second'
 """
 
-_FORGET_PROCESSED = "DELETE FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
+_IS_PROCESSED = "SELECT 1 FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
 
 _RECORD_PREIMAGE = """
 INSERT INTO onex_node_preimages (node_id, writer, operation, previous, correlation_id)
@@ -263,7 +264,9 @@ class PostgresIdempotencyStore:
     """Consumer idempotency over ``onex_processed_messages`` (an asyncpg pool or connection).
 
     The primary key (domain, message_id) decides: a concurrent insert of the same pair waits
-    for the first one and then does nothing, so exactly one caller gets True.
+    for the first one and then does nothing, so exactly one caller gets True. A consumer asks
+    :meth:`is_processed` before handling a message and records it after (see
+    :class:`activities.kafka.DedupingConsumer`).
     """
 
     def __init__(self, executor: Any) -> None:
@@ -277,9 +280,9 @@ class PostgresIdempotencyStore:
         inserted = await self.executor.fetchval(_RECORD_PROCESSED, domain, message_id, correlation)
         return inserted is not None
 
-    async def discard(self, domain: str, message_id: uuid.UUID) -> None:
-        """Forget a message whose handling failed, so that its redelivery is handled."""
-        await self.executor.execute(_FORGET_PROCESSED, domain, message_id)
+    async def is_processed(self, domain: str, message_id: uuid.UUID) -> bool:
+        """Whether (domain, message_id) was recorded by :meth:`check_and_record`."""
+        return await self.executor.fetchval(_IS_PROCESSED, domain, message_id) is not None
 
     async def cleanup_expired(self, ttl_seconds: float) -> int:
         """Forget processed messages older than ``ttl_seconds``; returns how many."""
@@ -498,6 +501,12 @@ class PostgresHandler(HandlerBase):
             lambda connection: PostgresIdempotencyStore(connection).check_and_record(
                 domain, message_id, correlation_id
             )
+        )
+
+    async def is_processed(self, domain: str, message_id: uuid.UUID) -> bool:
+        """Whether the message was recorded as processed."""
+        return await self._run(
+            lambda connection: PostgresIdempotencyStore(connection).is_processed(domain, message_id)
         )
 
     async def cleanup_processed(self, ttl_seconds: float) -> int:
