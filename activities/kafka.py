@@ -26,9 +26,10 @@
   boundary with ``breaker_key=KafkaHandler.breaker_key``; without it the boundary falls back to
   one breaker for the whole target (``kafka:kafka``).
 * :class:`DedupingConsumer` consumes catalog topics in a consumer group with manual commits,
-  skips what it cannot parse, and calls the handler once per ``event_id`` (an
-  :class:`IdempotencyStore` such as ``activities.postgres.PostgresIdempotencyStore`` picks
-  one winner).
+  skips what it cannot parse, and calls the handler for each ``event_id`` not yet processed
+  (an :class:`IdempotencyStore` such as ``activities.postgres.PostgresIdempotencyStore``
+  remembers them). A message is recorded as processed only after its handler returned: a
+  crash in between delivers it again (at least once), never loses it.
 """
 
 from __future__ import annotations
@@ -347,7 +348,9 @@ class KafkaHandler(HandlerBase):
 
 @runtime_checkable
 class IdempotencyStore(Protocol):
-    """Remembers processed messages; exactly one caller gets True for a (domain, id) pair."""
+    """Remembers processed messages; exactly one recorder gets True for a (domain, id) pair."""
+
+    async def is_processed(self, domain: str, message_id: uuid.UUID) -> bool: ...
 
     async def check_and_record(
         self, domain: str, message_id: uuid.UUID, correlation_id: uuid.UUID | None = None
@@ -368,14 +371,21 @@ class ConsumerStats:
 
 
 class DedupingConsumer:
-    """Consume catalog topics in a consumer group; handle each ``event_id`` once.
+    """Consume catalog topics in a consumer group; handle each ``event_id`` at least once,
+    and once unless a crash comes between handling and recording.
+
+    An envelope whose ``event_id`` the store has already processed is a duplicate, skipped.
+    Any other is handed to ``handle``, and recorded as processed only once ``handle`` returned:
+    a process that dies while handling (or before recording) has recorded nothing, so the
+    redelivery is handled, never dropped. Recording first would lose that message for good.
+    The price is a second delivery to ``handle`` when the crash comes after its effect and
+    before the record: handlers are written for at-least-once delivery.
 
     Offsets are committed manually, after the records of a fetched batch were handled (or
     skipped), so a crash redelivers at most that batch, which the store deduplicates. A record
     that is not an :class:`EventEnvelope` is logged (sanitized) and skipped. If ``handle``
-    raises, the record's dedupe entry is discarded (when the store supports ``discard``), the
-    partition is rewound to it, what was handled before it is committed, and the exception
-    propagates out of :meth:`run`.
+    raises, nothing is recorded, the partition is rewound to the record, what was handled
+    before it is committed, and the exception propagates out of :meth:`run`.
     """
 
     def __init__(
@@ -487,19 +497,13 @@ class DedupingConsumer:
         envelope: EventEnvelope,
         handle: Handle,
     ) -> None:
-        first = await self.store.check_and_record(
-            self.group_id, envelope.event_id, envelope.correlation_id
-        )
-        if not first:
+        if await self.store.is_processed(self.group_id, envelope.event_id):
             self.stats.duplicates += 1
             return
         try:
             with correlation_scope(envelope.correlation_id):
                 await handle(envelope)
         except BaseException as exc:
-            discard = getattr(self.store, "discard", None)
-            if discard is not None:
-                await discard(self.group_id, envelope.event_id)
             consumer.seek(partition, record.offset)  # delivered again on the next run
             self._log.warning(
                 "kafka_message_handler_failed",
@@ -509,6 +513,8 @@ class DedupingConsumer:
                 error=sanitize_exception(exc),
             )
             raise
+        # Only now: a crash before this line leaves the message unrecorded, so it comes again.
+        await self.store.check_and_record(self.group_id, envelope.event_id, envelope.correlation_id)
         self.stats.handled += 1
 
     async def _commit(self, consumer: Any, partition: Any, offset: int) -> None:

@@ -55,7 +55,8 @@ Idempotency rules (every operation may run again: Temporal retries it after a lo
   ``deactivated`` is True when ``previous`` (the stored pre-image, for a repeat) was active.
 * ``enqueue_event`` inserts once per ``event_id``; a repeat reports ``enqueued=False``.
   ``upsert_node_and_enqueue`` commits the node and its event together, or neither.
-* ``check_and_record`` has exactly one winner per ``(domain, message_id)``, under any race.
+* ``check_and_record`` has exactly one winner per ``(domain, message_id)``, under any race;
+  ``is_processed`` tells whether a message was recorded.
 
 Each operation makes one attempt; failures propagate as native asyncpg/OS errors for the
 activity boundary to classify. The one exception is a refused password: the password is
@@ -73,7 +74,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import asyncpg
 import structlog
@@ -97,7 +98,12 @@ from activities.resilience.correlation import current_correlation_id
 from activities.resilience.refresh import refresh_once
 from activities.settings import PostgresSettings
 from activities.writer import current_writer, is_ours, writer_workflow
-from contracts.errors import ConfigurationError, ErrorContext, Transport
+from contracts.errors import (
+    ConfigurationError,
+    ErrorContext,
+    InfraAuthenticationError,
+    Transport,
+)
 from contracts.events import EventEnvelope
 from contracts.fleet import LivenessSweepInput, LivenessSweepResult
 from contracts.registry import (
@@ -223,7 +229,7 @@ DELETE FROM onex_processed_messages
 WHERE processed_at < now() - $1::double precision * interval '1 second'
 """
 
-_FORGET_PROCESSED = "DELETE FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
+_IS_PROCESSED = "SELECT 1 FROM onex_processed_messages WHERE domain = $1 AND message_id = $2"
 
 _RECORD_PREIMAGE = """
 INSERT INTO onex_node_preimages (node_id, writer, operation, previous, correlation_id)
@@ -258,7 +264,9 @@ class PostgresIdempotencyStore:
     """Consumer idempotency over ``onex_processed_messages`` (an asyncpg pool or connection).
 
     The primary key (domain, message_id) decides: a concurrent insert of the same pair waits
-    for the first one and then does nothing, so exactly one caller gets True.
+    for the first one and then does nothing, so exactly one caller gets True. A consumer asks
+    :meth:`is_processed` before handling a message and records it after (see
+    :class:`activities.kafka.DedupingConsumer`).
     """
 
     def __init__(self, executor: Any) -> None:
@@ -272,9 +280,9 @@ class PostgresIdempotencyStore:
         inserted = await self.executor.fetchval(_RECORD_PROCESSED, domain, message_id, correlation)
         return inserted is not None
 
-    async def discard(self, domain: str, message_id: uuid.UUID) -> None:
-        """Forget a message whose handling failed, so that its redelivery is handled."""
-        await self.executor.execute(_FORGET_PROCESSED, domain, message_id)
+    async def is_processed(self, domain: str, message_id: uuid.UUID) -> bool:
+        """Whether (domain, message_id) was recorded by :meth:`check_and_record`."""
+        return await self.executor.fetchval(_IS_PROCESSED, domain, message_id) is not None
 
     async def cleanup_expired(self, ttl_seconds: float) -> int:
         """Forget processed messages older than ``ttl_seconds``; returns how many."""
@@ -320,6 +328,8 @@ class PostgresHandler(HandlerBase):
         # Bumped by every rebuild, so that concurrent refusals lead to one rebuild, not many.
         self._pool_generation = 0
         self._migrations_applied: list[str] = []
+        # Where the password last used came from: "secret", "setting", or None for none.
+        self._login_from: Literal["secret", "setting"] | None = None
 
     @property
     def target(self) -> str:
@@ -332,9 +342,37 @@ class PostgresHandler(HandlerBase):
         await super().initialize(config)
         try:
             self._migrations_applied = await self._run(migrate)
+        except _AUTH_ERRORS as refused:  # what a user starting the worker reads: what to fix
+            await self.shutdown(self._settings.connect_timeout)
+            raise self._refused(refused) from refused
         except BaseException:
             await self.shutdown(self._settings.connect_timeout)
             raise
+
+    def _refused(self, refused: BaseException) -> InfraAuthenticationError:
+        """The database refused the user (after one refresh): where the password came from,
+        by the name of its secret or setting, never its value."""
+        user, native = self._settings.user, type(refused).__name__
+        if self._login_from is None:
+            remedy = (
+                f"user {user} needs a password ({native}): set the secret {PASSWORD_SECRET} "
+                "or ONEX_POSTGRES__PASSWORD"
+            )
+        else:
+            where = (
+                f"the secret {PASSWORD_SECRET}"
+                if self._login_from == "secret"
+                else "ONEX_POSTGRES__PASSWORD"
+            )
+            remedy = (
+                f"the database refused user {user} ({native}): check {where} and "
+                "ONEX_POSTGRES__USER"
+            )
+        return InfraAuthenticationError.at(
+            self.target,
+            remedy,
+            context=ErrorContext(transport=self.transport, operation="connect", target=self.target),
+        )
 
     async def shutdown(self, timeout_seconds: float = 30.0) -> None:
         """Close the pool this handler created: gracefully within the timeout, else terminate."""
@@ -465,6 +503,12 @@ class PostgresHandler(HandlerBase):
             )
         )
 
+    async def is_processed(self, domain: str, message_id: uuid.UUID) -> bool:
+        """Whether the message was recorded as processed."""
+        return await self._run(
+            lambda connection: PostgresIdempotencyStore(connection).is_processed(domain, message_id)
+        )
+
     async def cleanup_processed(self, ttl_seconds: float) -> int:
         """Forget processed messages older than ``ttl_seconds``; returns how many."""
         return await self._run(
@@ -582,7 +626,12 @@ class PostgresHandler(HandlerBase):
         )
 
     async def _password(self) -> SecretStr | None:
-        return await resolve_password(self._settings, self.resources.secrets)
+        password = await resolve_password(self._settings, self.resources.secrets)
+        if password is None:
+            self._login_from = None
+        else:  # resolve_password returns the setting itself when it is the one used
+            self._login_from = "setting" if password is self._settings.password else "secret"
+        return password
 
 
 async def resolve_password(

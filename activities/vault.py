@@ -13,8 +13,10 @@ becoming underscores. Empty values count as missing. Values are cached as ``Secr
 time per source (env and file 24 h, Vault 5 min) on an injectable monotonic clock; ``refresh``
 drops one name (a handler calls it after the backend refused the cached credential), so the next
 read goes to the source again. Every value read is registered with the sanitizer, which then
-scrubs it from any message. Errors and log lines name the logical secret only: never a value,
-a file path or a Vault path (a secret's location tells an attacker where to look).
+scrubs it from any message. Errors and log lines name the logical secret and its source kind
+(``env``, ``file`` or ``vault``) only: never a value, a file path or a Vault path (a secret's
+location tells an attacker where to look). A name mapped in ``ONEX_SECRETS__SOURCES`` that its
+source does not have is an error for every caller: the operator said where it is.
 
 Vault is opt-in: enabled when ``settings.vault.address`` is set. Its bootstrap credentials (the
 token, or the AppRole role_id and secret_id) come only from the settings, never from Vault
@@ -57,7 +59,9 @@ from contracts.errors import (
     ConfigurationError,
     ErrorContext,
     InfraAuthenticationError,
+    InfraConnectionError,
     InfraError,
+    InfraTimeoutError,
     InfraUnavailableError,
     SecretResolutionError,
     Transport,
@@ -159,10 +163,37 @@ class VaultClient:
     # -- authentication ----------------------------------------------------------------------
 
     async def connect(self) -> float:
-        """Log in with AppRole when there is no token, else check the token; returns its TTL."""
-        if self.settings.token is None:
-            return await self.login()
-        return await self.token_ttl()
+        """Log in with AppRole when there is no token, else check the token; returns its TTL.
+
+        What goes wrong here is what a user starting a worker reads, so it says what to do:
+        a refused token names the settings to fix, an unreachable Vault its address (which
+        the settings guarantee holds no credential) and the setting it comes from.
+        """
+        try:
+            if self.settings.token is None:
+                return await self.login()  # a refusal already says what to check
+            return await self.token_ttl()
+        except InfraAuthenticationError as refused:
+            if self.approle_configured:
+                raise  # the token was replaced by an AppRole login, and that was refused
+            raise InfraAuthenticationError.at(
+                VAULT_TARGET,
+                "the token (ONEX_VAULT__TOKEN) was refused: it is expired, revoked or unknown; "
+                "set a valid token, or AppRole credentials (ONEX_VAULT__ROLE_ID and "
+                "ONEX_VAULT__SECRET_ID) to log in with",
+                context=refused.context,
+            ) from refused.__cause__  # chained to the native exception, as classify() does
+        except (InfraConnectionError, InfraTimeoutError) as unreachable:
+            what = (
+                "timed out" if isinstance(unreachable, InfraTimeoutError) else "connection failed"
+            )
+            cause = unreachable.__cause__
+            native = "" if cause is None else f" ({type(cause).__name__})"
+            raise type(unreachable)(
+                f"cannot reach {VAULT_TARGET} at {self.settings.address}: {what}{native}; check "
+                "ONEX_VAULT__ADDRESS and that Vault is running",
+                context=unreachable.context,
+            ) from cause
 
     async def login(self) -> float:
         """An AppRole login; the new token replaces the current one. Returns its TTL (seconds)."""
@@ -180,9 +211,13 @@ class VaultClient:
 
         try:
             response = await self._guarded("login", login)
-        except ConfigurationError as refused:  # Vault answers 400 to a wrong role or secret ID
-            raise InfraAuthenticationError(
-                "Vault refused the AppRole login (check the role ID and secret ID)",
+        # Vault answers 400 to a wrong role or secret ID (403 when a policy forbids the login).
+        except (ConfigurationError, InfraAuthenticationError) as refused:
+            raise InfraAuthenticationError.at(
+                VAULT_TARGET,
+                "the AppRole login was refused: check ONEX_VAULT__ROLE_ID and "
+                "ONEX_VAULT__SECRET_ID (a secret ID can expire or run out of uses: issue a new "
+                "one)",
                 context=_vault_context("login"),
             ) from refused
         auth = response.get("auth") or {}
@@ -456,9 +491,12 @@ class SecretResolver:
     async def get_secret(self, name: str, *, required: bool = True) -> SecretStr | None:
         """The value of ``name``: cached, else read from its source.
 
-        Missing (unset, unreadable, outside secrets_dir, not in Vault, Vault disabled): None, or
-        :class:`SecretResolutionError` when ``required``. Vault being down or refusing us raises
-        its classified error either way: that is not a missing secret.
+        Missing (unset, unreadable, outside secrets_dir, not in Vault, Vault disabled):
+        :class:`SecretResolutionError`, naming the logical secret and its source kind (env,
+        file or vault), never a path or a value. Only a name without a mapping in
+        ``ONEX_SECRETS__SOURCES`` may be optional: with ``required=False`` it is None when
+        unmapped or not found under the ``ONEX_SECRET_<NAME>`` convention. Vault being down or
+        refusing us raises its classified error either way: that is not a missing secret.
         """
         _check_name(name)
         cached = self._cached(name)
@@ -476,7 +514,8 @@ class SecretResolver:
             if source is None:
                 value, reason = (
                     None,
-                    f"secret {name} is not available: no source is configured for it",
+                    f"secret {name} is not available: no source is configured for it (map it "
+                    "in ONEX_SECRETS__SOURCES)",
                 )
             else:
                 value, reason = await self._fetch(name, source)
@@ -485,7 +524,10 @@ class SecretResolver:
                     expires_at = self._clock() + self._ttl[source.kind]
                     self._cache[name] = _Entry(value, source.kind, expires_at)
                     return value
-        if required:
+        # A name mapped in the settings is expected where it was mapped: missing there, it is
+        # an error even for a caller that could do without it (else the mistake would surface
+        # later as a refused or absent credential, far from its cause).
+        if required or name in self._sources:
             raise SecretResolutionError(reason, context=_context(name))
         return None
 
@@ -516,7 +558,9 @@ class SecretResolver:
         for name, source in self._sources.items():
             if source.kind != "vault":
                 continue
-            if await self.get_secret(name, required=False) is None:
+            try:
+                await self.get_secret(name)
+            except SecretResolutionError:
                 logger.warning("secret_prefetch_missing", secret=name)
             else:
                 found.append(name)
@@ -577,19 +621,27 @@ class SecretResolver:
         """The value, or None and why (a message safe to show: no path, no value)."""
         if source.kind == "env":
             raw = os.environ.get(source.location)
-            return _non_empty(raw), _unavailable(name, "its environment variable is not set")
+            if name in self._sources:  # the variable is not named: a mapping is not echoed
+                why = f"the variable is not set or empty; set it, {_ELSEWHERE}"
+            else:  # the convention's variable follows from the name: safe to name
+                why = f"set {source.location}, or map the secret in ONEX_SECRETS__SOURCES"
+            return _non_empty(raw), _unavailable(name, "env", why)
         if source.kind == "file":
             return await self._read_file(name, source.location)
         if self.vault is None:
             logger.warning("secret_vault_disabled", secret=name)
             return None, _unavailable(
-                name, "it is sourced from Vault, which is not configured (ONEX_VAULT__ADDRESS)"
+                name, "vault", f"Vault is not configured: set ONEX_VAULT__ADDRESS, {_ELSEWHERE}"
             )
         try:
             value = await self.vault.read(source.location, source.field, name=name)
         except SecretResolutionError:
             logger.warning("secret_not_in_vault", secret=name)
-            return None, f"secret not found in Vault: {name}"
+            return None, _unavailable(
+                name,
+                "vault",
+                f"it is not in Vault (no such secret or field); write it there, {_ELSEWHERE}",
+            )
         return value, ""
 
     async def _read_file(self, name: str, location: str) -> tuple[SecretStr | None, str]:
@@ -600,20 +652,33 @@ class SecretResolver:
                 path = (base / path).resolve()
             except (OSError, RuntimeError):  # a symlink loop
                 logger.warning("secret_file_unresolvable", secret=name)
-                return None, _unavailable(name, "its file cannot be resolved")
+                return None, _unavailable(
+                    name,
+                    "file",
+                    f"the file cannot be resolved (a link loop); fix the link, {_ELSEWHERE}",
+                )
             if not path.is_relative_to(base):
                 logger.warning("secret_file_outside_secrets_dir", secret=name)
-                return None, _unavailable(name, "its file is outside the secrets directory")
+                return None, _unavailable(
+                    name,
+                    "file",
+                    "the file is outside the secrets directory (ONEX_SECRETS__SECRETS_DIR); "
+                    f"move it there, {_ELSEWHERE}",
+                )
         try:
             text = await asyncio.to_thread(path.read_text, encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             logger.warning("secret_file_unreadable", secret=name, error_type=type(exc).__name__)
-            return None, _unavailable(name, "its file is missing or unreadable")
+            return None, _unavailable(
+                name, "file", f"the file is missing or unreadable; {_FIX_FILE}"
+            )
         if text.endswith("\r\n"):
             text = text[:-2]
         elif text.endswith("\n"):
             text = text[:-1]
-        return _non_empty(text), _unavailable(name, "its file is empty")
+        return _non_empty(text), _unavailable(
+            name, "file", f"the file is empty; write the secret into it, {_ELSEWHERE}"
+        )
 
     def _masked(self, source: _Source) -> str:
         if source.kind == "env":
@@ -626,8 +691,14 @@ class SecretResolver:
         return f"vault:{first}/***/***"
 
 
-def _unavailable(name: str, reason: str) -> str:
-    return f"secret {name} is not available: {reason}"
+_ELSEWHERE = "or map the secret elsewhere in ONEX_SECRETS__SOURCES"
+_FIX_FILE = f"create it, {_ELSEWHERE}"
+
+
+def _unavailable(name: str, kind: SourceType, reason: str) -> str:
+    """Why a secret is missing, naming the logical secret and its source kind: never the
+    variable of a mapping, the path or the value (a location tells an attacker where to look)."""
+    return f"secret {name} is not available from its {kind} source: {reason}"
 
 
 def _non_empty(raw: str | None) -> SecretStr | None:

@@ -185,6 +185,16 @@ class SecretResolutionError(InfraPermanentError):
 class InfraAuthenticationError(InfraPermanentError):
     """Credentials were refused; retrying the same credentials cannot help."""
 
+    @classmethod
+    def at(
+        cls, target: str, remedy: str, *, context: ErrorContext | None = None
+    ) -> InfraAuthenticationError:
+        """``authentication failed at <target>: <remedy>``: where, and what the user can do.
+
+        ``remedy`` names settings and logical secrets, never a value or a path.
+        """
+        return cls(f"authentication failed at {target}: {remedy}", context=context)
+
 
 class InfraDataIntegrityError(InfraPermanentError):
     """A write would break a constraint: the same request will fail the same way."""

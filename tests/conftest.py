@@ -9,6 +9,8 @@ Session-scoped servers (started once, torn down at the end):
 * ``backends``: PostgreSQL and the Kafka-protocol broker, started by the same code as
   ``onex dev up`` on free ports under a temporary state directory; it yields their settings.
 * ``valkey_server``: a real ``valkey-server`` started the same way; it yields its settings.
+* ``password_login``: on the ``backends`` PostgreSQL (which trusts loopback), one login that
+  must give a password (``tests.fakes.planted.POSTGRES_PASSWORD``, scram-sha-256).
 
 Per-test isolation: ``task_queue`` (a fresh Temporal task queue), ``pg_dsn`` (a fresh database),
 ``topic_prefix`` (a fresh prefix under which the topic catalog is created).
@@ -32,7 +34,8 @@ from activities.kafka_admin import create_topics
 from activities.resilience.sanitize import forget_secrets
 from activities.settings import KafkaSettings, PostgresSettings, ValkeySettings
 from contracts.search_attributes import SEARCH_ATTRIBUTES
-from tests.support import free_port
+from tests.fakes import planted
+from tests.support import free_port, wait_until
 from workers.converter import build_data_converter
 from workers.devstack import DevStack, ServiceName, superuser_dsn
 from workers.settings import DevSettings, OnexSettings, TemporalSettings
@@ -143,6 +146,55 @@ async def valkey_server() -> AsyncIterator[ValkeySettings]:
         stack.down(purge=True)
 
 
+@pytest.fixture(scope="session")
+async def password_login(backends: OnexSettings) -> AsyncIterator[str]:
+    """A login on the session's PostgreSQL that must give ``planted.POSTGRES_PASSWORD``;
+    yields its name. Every other login stays trusted: the rule added to pg_hba.conf names this
+    one user only, and is taken out again at the end."""
+    user, host = planted.POSTGRES_USER, backends.postgres.host
+    admin = await asyncpg.connect(superuser_dsn(backends))
+    hba = Path(await admin.fetchval("SHOW hba_file"))
+    original = hba.read_text()
+    hba.write_text(f"host all {user} {host}/32 scram-sha-256\n{original}")
+    try:
+        # The password goes in as a literal quoted by the server, not through Python text.
+        create = await admin.fetchval(
+            "SELECT format('CREATE ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)",
+            user,
+            planted.POSTGRES_PASSWORD,
+        )
+        await admin.execute(create)
+        await admin.execute("SELECT pg_reload_conf()")
+
+        async def password_required() -> bool:  # the reload is asynchronous: wait for it
+            try:
+                connection = await asyncpg.connect(
+                    host=host, port=backends.postgres.port, user=user, database="postgres"
+                )
+            except asyncpg.exceptions.InvalidPasswordError:
+                return True
+            await connection.close()
+            return False
+
+        await wait_until(
+            password_required, within=10, what=f"PostgreSQL to ask {user} for a password"
+        )
+        accepted = await asyncpg.connect(
+            host=host,
+            port=backends.postgres.port,
+            user=user,
+            password=planted.POSTGRES_PASSWORD,
+            database="postgres",
+        )
+        await accepted.close()
+        yield user
+    finally:
+        hba.write_text(original)
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.execute(f'DROP ROLE IF EXISTS "{user}"')
+        await admin.close()
+
+
 @pytest.fixture(autouse=True)
 def _forget_registered_secrets() -> Iterator[None]:
     """The sanitizer's registry of secrets is process-wide: each test starts with it empty."""
@@ -183,7 +235,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return {"ONEX_DEV__STATE_DIR": str(tmp_path / "state")}
 
 
-# -- no secret served by the Vault fake may appear in any captured output of the suite ----------
+# -- no secret served by the Vault fake, and none planted, may appear in any captured output ----
 
 _CAPTURED_OUTPUT: list[str] = []
 # Shorter values (like a "root" token) occur in ordinary text; real secrets are longer.
@@ -198,23 +250,35 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if a value the Vault fake served shows up in anything the suite logged."""
+    """Fail the run if a value the Vault fake served, or a credential the tests plant
+    (:mod:`tests.fakes.planted`), shows up in anything the suite captured."""
     from tests.fakes.vault_server import SERVED_DURING_SESSION
 
     served = {value for value in SERVED_DURING_SESSION if len(value) >= _MIN_CHECKED_LENGTH}
-    leaked = sum(1 for value in served if any(value in text for text in _CAPTURED_OUTPUT))
+    checked = served | planted.PLANTED
+    leaked = sorted(
+        _kind(value, served) for value in checked if any(value in text for text in _CAPTURED_OUTPUT)
+    )
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if leaked:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if reporter is not None:
             reporter.write_line(
-                f"SECRET LEAK: {leaked} of the {len(served)} secret values served by the Vault "
-                "fake appear in captured log output. HOW TO FIX: find the log call that "
-                "prints a secret and pass the value through activities.resilience.sanitize.",
+                f"SECRET LEAK: {len(leaked)} of the {len(checked)} secret values checked appear "
+                f"in captured output ({', '.join(leaked)}). HOW TO FIX: find the log call or "
+                "message that prints a secret and pass the value through "
+                "activities.resilience.sanitize.",
                 red=True,
             )
-    elif reporter is not None and served:
+    elif reporter is not None:
         reporter.write_line(
-            f"secret check: none of the {len(served)} values served by the Vault fake appears "
-            f"in the {len(_CAPTURED_OUTPUT)} captured outputs of the suite"
+            f"secret check: none of the {len(served)} values served by the Vault fake and the "
+            f"{len(planted.PLANTED)} planted credentials appears in the "
+            f"{len(_CAPTURED_OUTPUT)} captured outputs of the suite"
         )
+
+
+def _kind(value: str, served: set[str]) -> str:
+    """Which secret leaked, without showing it: the planted constant's name, or "served"."""
+    names = [name for name, planted_value in vars(planted).items() if planted_value == value]
+    return f"planted.{names[0]}" if names else "a value served by the Vault fake"

@@ -4,10 +4,15 @@ JSON lines when standard error is not a terminal (a worker under a supervisor, C
 console renderer when it is. Context variables are merged first, so whatever an activity binds
 (correlation id, workflow id, attempt) is on every line it logs.
 
-The libraries (aiokafka, asyncpg, temporalio, asyncio, Python warnings) log through the standard
-library. Their records, from WARNING up, are rendered by the same renderer, sanitized (a
-message through :func:`~activities.resilience.sanitize.sanitize_text`, an exception as one
-sanitized ``Type: message`` line instead of its traceback). Where they go depends on who runs:
+The libraries (aiokafka, asyncpg, aiohttp, hvac, temporalio, asyncio, Python warnings) log
+through the standard library. Every record made in the process is sanitized once, as it is made
+(a record factory, installed by :func:`configure_logging`): its message, with its arguments
+merged, goes through :func:`~activities.resilience.sanitize.sanitize_text`, and an exception
+becomes one sanitized ``Type: message`` line instead of its traceback. So whatever handler sees
+the record (the one installed here, one an embedder or a test runner adds to the root) sees it
+safe. A filter would not do: a filter on the root logger never sees the records its children
+propagate, and one on a handler covers that handler only. The records, from WARNING up, are
+rendered by the same renderer as structlog's lines. Where they go depends on who runs:
 
 * ``libraries="live"`` (the worker, a service): on standard error as they happen;
 * ``libraries="on_failure"`` (a command, the demo): held back, and shown by
@@ -21,6 +26,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, Literal
 
 import structlog
@@ -38,14 +44,44 @@ def _stderr_logger(*_args: object) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
-def _sanitized(_logger: Any, _method: str, event_dict: structlog.types.EventDict) -> Any:
-    """A library's record, safe to show: its message sanitized, its exception summarized."""
-    event_dict["event"] = sanitize_text(str(event_dict.get("event", "")))
-    exc_info = event_dict.pop("exc_info", None)
-    if isinstance(exc_info, tuple) and isinstance(exc_info[1], BaseException):
-        event_dict["error"] = sanitize_exception(exc_info[1])
-    elif isinstance(exc_info, BaseException):
-        event_dict["error"] = sanitize_exception(exc_info)
+def sanitize_record(record: logging.LogRecord) -> logging.LogRecord:
+    """Make ``record`` safe for any handler, in place: the message (arguments merged) sanitized
+    and the arguments dropped; an exception replaced by its sanitized one-line summary, which
+    a formatter shows where it would have shown the traceback (``exc_text``)."""
+    try:
+        message = record.getMessage()
+    except Exception:  # arguments that do not fit the format: the format alone
+        message = str(record.msg)
+    record.msg, record.args = sanitize_text(message), ()
+    exc_info = record.exc_info
+    if exc_info:
+        error = exc_info[1] if isinstance(exc_info, tuple) else None
+        record.exc_info = None
+        record.exc_text = None if error is None else sanitize_exception(error)
+    return record
+
+
+_plain_record_factory: Callable[..., logging.LogRecord] | None = None
+
+
+def _install_record_factory() -> None:
+    """Sanitize every record as it is made, whoever logs it (once per process)."""
+    global _plain_record_factory
+    if _plain_record_factory is not None:
+        return
+    plain = _plain_record_factory = logging.getLogRecordFactory()
+
+    def sanitized_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        return sanitize_record(plain(*args, **kwargs))
+
+    logging.setLogRecordFactory(sanitized_record)
+
+
+def _error_line(_logger: Any, _method: str, event_dict: structlog.types.EventDict) -> Any:
+    """A library's exception, already summarized by :func:`sanitize_record`, as ``error``."""
+    summary = getattr(event_dict.get("_record"), "exc_text", None)
+    if summary:
+        event_dict["error"] = summary
     return event_dict
 
 
@@ -76,22 +112,25 @@ class _HeldRecords(logging.Handler):
 
 
 def _library_formatter(renderer: structlog.types.Processor) -> logging.Formatter:
-    """Renders a standard-library record (message merged with its args) sanitized."""
+    """Renders a standard-library record (sanitized when it was made: :func:`sanitize_record`)."""
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.stdlib.add_logger_name,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _sanitized,  # before rendering: a library's traceback is summarized, not shown
+            _error_line,  # a library's traceback was summarized when the record was made
         ],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
 
 
 def render_library_record(record: logging.LogRecord) -> str:
-    """The JSON line a library's record becomes on standard error (for tests and checks)."""
-    return _library_formatter(structlog.processors.JSONRenderer()).format(record)
+    """The JSON line a library's record becomes on standard error (for tests and checks).
+
+    ``record`` is sanitized first, as the record factory would have done when it was made.
+    """
+    return _library_formatter(structlog.processors.JSONRenderer()).format(sanitize_record(record))
 
 
 # The handler this module put on the root logger, replaced (and only it) by each configuration:
@@ -106,8 +145,10 @@ def configure_logging(
 
     ``json=None`` picks JSON unless standard error is a terminal. Libraries log from WARNING up
     (from ``level`` when it is higher); ``libraries`` says whether live or on failure only.
+    From the first call on, every standard-library record is sanitized as it is made.
     """
     global _installed
+    _install_record_factory()
     use_json = not sys.stderr.isatty() if json is None else json
     numeric_level = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [

@@ -47,10 +47,11 @@ from contracts.registry import (
 from contracts.resilience import default_policy
 from tests.activities.runs import Run, ambiguous, deregister_run, register_run
 from tests.builders import compensation, deregister_request, register_request
+from tests.fakes import planted
 from tests.fakes.consul_agent import CRITICAL, FakeConsulAgent, consul_client
 from tests.support import free_port
 
-TOKEN = "consul-acl-token-0123456789"
+TOKEN = planted.CONSUL_TOKEN
 ROTATED = "consul-acl-token-rotated-9876"
 OPERATIONS = (
     "register_service",

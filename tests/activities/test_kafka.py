@@ -7,8 +7,11 @@ prefix with the catalog created under it. Unreachable brokers are a closed local
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +40,7 @@ from contracts.errors import Transport
 from contracts.events import EventEnvelope, new_envelope
 from contracts.resilience import default_policy
 from tests.activities.kafka_support import DEREGISTERED, REGISTERED, registered, with_kafka
+from tests.fakes import planted
 from tests.fakes.fault_proxy import start_proxied_broker
 from tests.support import free_port, wait_until
 from workers.settings import OnexSettings
@@ -236,7 +240,7 @@ async def test_deduping_consumer_handles_each_event_once(
 async def test_deduping_consumer_redelivers_after_a_failed_handle(
     settings: OnexSettings, publisher: EventPublisher, pool: Any
 ) -> None:
-    """A handler failure forgets the event and rewinds, so the next run handles it."""
+    """A handler failure records nothing and rewinds, so the next run handles it."""
     envelope = registered()
     await publisher.publish_envelope(envelope)
     calls: list[uuid.UUID] = []
@@ -269,6 +273,96 @@ async def test_deduping_consumer_redelivers_after_a_failed_handle(
     assert calls == [envelope.event_id, envelope.event_id]
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def _consumer_process(
+    settings: OnexSettings, pg_dsn: str, group: str, mode: str
+) -> asyncio.subprocess.Process:
+    """``tests/activities/consumer_process.py`` in a process of its own."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.activities.consumer_process",
+        "--bootstrap",
+        settings.kafka.bootstrap_servers,
+        "--prefix",
+        settings.kafka.topic_prefix,
+        "--group",
+        group,
+        "--dsn",
+        pg_dsn,
+        "--mode",
+        mode,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _line(process: asyncio.subprocess.Process, within: float) -> str:
+    """The process's next line on standard output; its standard error if it exited instead."""
+    assert process.stdout is not None
+    assert process.stderr is not None
+    line = await asyncio.wait_for(process.stdout.readline(), within)
+    if not line:
+        await process.wait()
+        error = (await process.stderr.read()).decode(errors="replace")
+        raise AssertionError(f"the consumer exited {process.returncode}: {error[-2000:]}")
+    return line.decode().strip()
+
+
+async def test_a_consumer_killed_before_recording_loses_nothing(
+    settings: OnexSettings, publisher: EventPublisher, pool: Any, pg_dsn: str
+) -> None:
+    """A consumer process is killed (SIGKILL) while its handler runs, after a message was
+    delivered and before the handler returned, so before the message could be recorded as
+    processed. Restarted in the same group, the consumer handles that message and the other
+    one: nothing is lost (recording before handling would have lost the first for good, its
+    redelivery skipped as a duplicate), each effect happens once and both are recorded."""
+    first, second = registered(), registered()
+    for envelope in (first, second):
+        await publisher.publish_envelope(envelope)
+    await pool.execute("CREATE TABLE consumer_effects (event_id uuid NOT NULL)")
+    group = f"g-{uuid.uuid4().hex}"
+
+    stalled = await _consumer_process(settings, pg_dsn, group, "stall")
+    try:
+        # The two may sit on different partitions: whichever comes first is the one cut short.
+        assert await _line(stalled, within=60) in {
+            f"handling {first.event_id}",
+            f"handling {second.event_id}",
+        }
+    finally:
+        stalled.send_signal(signal.SIGKILL)
+        await stalled.wait()
+    assert stalled.returncode == -signal.SIGKILL
+    recorded = "SELECT message_id FROM onex_processed_messages WHERE domain = $1"
+    assert await pool.fetch(recorded, group) == [], "recorded before the handler returned"
+
+    restarted = await _consumer_process(settings, pg_dsn, group, "handle")
+    try:
+        # The killed member holds the partitions until its session times out (10 s).
+        handled = {await _line(restarted, within=60) for _ in range(2)}
+        assert handled == {f"handled {first.event_id}", f"handled {second.event_id}"}
+
+        async def both_recorded() -> bool:
+            return len(await pool.fetch(recorded, group)) == 2
+
+        await wait_until(both_recorded, within=10, what="both messages recorded as processed")
+    finally:
+        if restarted.returncode is None:
+            restarted.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(restarted.wait(), 30)
+    assert restarted.returncode == 0
+    effects = await pool.fetch("SELECT event_id FROM consumer_effects")
+    assert sorted(row["event_id"] for row in effects) == sorted([first.event_id, second.event_id])
+    assert {row["message_id"] for row in await pool.fetch(recorded, group)} == {
+        first.event_id,
+        second.event_id,
+    }
+
+
 async def test_consumer_rejects_topics_outside_the_catalog(settings: OnexSettings) -> None:
     """A consumer is only for catalog topics."""
     with pytest.raises(ValueError, match="not catalog topics"):
@@ -289,8 +383,8 @@ async def test_idempotency_store_has_one_winner_under_a_race(pool: Any) -> None:
     assert results.count(True) == 1
     assert await store.check_and_record("other-domain", message_id) is True
     assert await store.check_and_record("registry", message_id) is False
-    await store.discard("registry", message_id)
-    assert await store.check_and_record("registry", message_id) is True
+    assert await store.is_processed("registry", message_id) is True
+    assert await store.is_processed("registry", uuid.uuid4()) is False
 
 
 async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings) -> None:
@@ -300,7 +394,7 @@ async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings
     class Secrets:
         async def get_secret(self, name: str, *, required: bool = True) -> Any:
             asked.append(name)
-            return "s3cr3t-from-vault"
+            return planted.SASL_PASSWORD
 
         async def refresh(self, name: str) -> None:
             return None
@@ -310,7 +404,7 @@ async def test_sasl_password_comes_from_the_secret_source(backends: OnexSettings
     assert asked == ["kafka.sasl.password"]
     assert options["security_protocol"] == "SASL_PLAINTEXT"
     assert options["sasl_mechanism"] == "PLAIN"
-    assert options["sasl_plain_password"] == "s3cr3t-from-vault"
+    assert options["sasl_plain_password"] == planted.SASL_PASSWORD
     assert options["sasl_plain_username"] == "onex"
 
 

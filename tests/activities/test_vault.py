@@ -47,14 +47,15 @@ from contracts.errors import (
 )
 from contracts.registry import RegisterNodeRequest
 from contracts.resilience import default_policy
+from tests.fakes import planted
 from tests.fakes.vault_server import FakeVaultServer
 from tests.sample_workflows import RunActivity, RunActivityWorkflow
 from tests.support import free_port, wait_until
 from workers.settings import OnexSettings
 
-ROOT = "root-token-for-vault-tests-0001"
+ROOT = planted.VAULT_TOKEN
 ROLE_ID = "role-onex-worker"
-SECRET_ID = "secret-id-for-vault-tests-42"
+SECRET_ID = planted.APPROLE_SECRET_ID
 DB_PATH = "database/postgres"
 DB_PASSWORD = "pg-password-v1-Zq8!"
 DB_PASSWORD_ROTATED = "pg-password-v2-Lm3?"
@@ -171,7 +172,8 @@ async def test_env_source_and_convention_fallback(monkeypatch: pytest.MonkeyPatc
 
 async def test_file_source_relative_and_absolute(tmp_path: Path) -> None:
     """A relative file is read under secrets_dir, an absolute one where it is; one trailing
-    newline is stripped (only one); an empty or missing file is missing."""
+    newline is stripped (only one); an empty or missing file is missing, and since the name is
+    mapped, that is an error even for a caller that does not require it."""
     secrets_dir = tmp_path / "secrets"
     (secrets_dir / "db").mkdir(parents=True)
     (secrets_dir / "db" / "password").write_text("file-password\n\n")
@@ -191,7 +193,8 @@ async def test_file_source_relative_and_absolute(tmp_path: Path) -> None:
 
     assert value(await resolver.get_secret("database.postgres.password")) == "file-password\n"
     assert value(await resolver.get_secret("consul.token")) == "absolute-token"
-    assert await resolver.get_secret("auth.jwt.secret", required=False) is None
+    with pytest.raises(SecretResolutionError, match="from its file source: the file is empty"):
+        await resolver.get_secret("auth.jwt.secret", required=False)
     with pytest.raises(SecretResolutionError, match="missing or unreadable") as missing:
         await resolver.get_secret("storage.s3.secret")
     assert str(tmp_path) not in str(missing.value)
@@ -340,8 +343,9 @@ async def test_source_info_is_masked(
 
 
 async def test_path_traversal_is_blocked(tmp_path: Path) -> None:
-    """A relative file path leaving secrets_dir (``..``, or a symlink pointing out) is refused:
-    None, or SecretResolutionError when required, naming neither path; a symlink loop too."""
+    """A relative file path leaving secrets_dir (``..``, or a symlink pointing out) is refused
+    with SecretResolutionError (required or not: the names are mapped), naming neither path;
+    a symlink loop too."""
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
     outside = tmp_path / "outside-secret.txt"
@@ -359,7 +363,8 @@ async def test_path_traversal_is_blocked(tmp_path: Path) -> None:
 
     with structlog.testing.capture_logs() as logs:
         for name in ("auth.dotdot.secret", "auth.symlink.secret", "auth.loop.secret"):
-            assert await resolver.get_secret(name, required=False) is None
+            with pytest.raises(SecretResolutionError, match=rf"{name} is not available from its"):
+                await resolver.get_secret(name, required=False)
     with pytest.raises(SecretResolutionError, match="outside the secrets directory") as refused:
         await resolver.get_secret("auth.dotdot.secret")
 
@@ -413,16 +418,20 @@ def test_bad_source_mapping_is_refused_without_quoting_it() -> None:
 
 
 async def test_vault_disabled() -> None:
-    """A Vault-sourced name without a Vault client: None with a warning naming only the
-    logical name, or SecretResolutionError when required. build_secret_resolver builds no
-    client when no address is set, and VaultClient refuses to exist without one."""
+    """A Vault-sourced name without a Vault client: SecretResolutionError saying Vault is not
+    configured (required or not: the name is mapped), with a warning naming only the logical
+    name. build_secret_resolver builds no client when no address is set, and VaultClient
+    refuses to exist without one."""
     resolver, client = await build_secret_resolver(
         OnexSettings(secrets=SecretsSettings(sources={"database.postgres.password": VAULT_SOURCE}))
     )
     assert client is None
 
-    with structlog.testing.capture_logs() as logs:
-        assert await resolver.get_secret("database.postgres.password", required=False) is None
+    with (
+        structlog.testing.capture_logs() as logs,
+        pytest.raises(SecretResolutionError, match="from its vault source: Vault is not config"),
+    ):
+        await resolver.get_secret("database.postgres.password", required=False)
     assert logs == [
         {
             "event": "secret_vault_disabled",
@@ -442,8 +451,8 @@ async def test_vault_disabled() -> None:
 async def test_missing_vault_secret_does_not_name_the_path(
     vault: FakeVaultServer, clients: Callable[..., VaultClient]
 ) -> None:
-    """A missing Vault path or field: SecretResolutionError naming the logical secret, never the
-    path or field; None when not required."""
+    """A missing Vault path or field: SecretResolutionError naming the logical secret and the
+    source kind, never the path or field; not required, it is an error too (it is mapped)."""
     resolver = resolver_for(
         {
             "storage.s3.secret": "vault:storage/s3-credentials#secret_key",
@@ -452,14 +461,17 @@ async def test_missing_vault_secret_does_not_name_the_path(
         vault=token_client(clients, vault),
     )
     for name in ("storage.s3.secret", "database.postgres.api_key"):
-        with pytest.raises(SecretResolutionError, match="secret not found in Vault") as missing:
+        with pytest.raises(
+            SecretResolutionError, match="from its vault source: it is not in"
+        ) as missing:
             await resolver.get_secret(name)
         shown = str(missing.value) + repr(missing.value.context)
         assert name in shown
         for hidden in ("storage/s3", "s3-credentials", "secret_key", DB_PATH, "api_key#", "onex"):
             assert hidden not in str(missing.value), f"{hidden!r} in {missing.value}"
         assert not missing.value.retryable
-        assert await resolver.get_secret(name, required=False) is None
+        with pytest.raises(SecretResolutionError):
+            await resolver.get_secret(name, required=False)
     assert vault.reads["storage/s3-credentials"] == 2
 
 
@@ -870,7 +882,8 @@ async def test_no_secret_value_in_any_log_line(
                 vault.rotate_secret(DB_PATH, "password", DB_PASSWORD_ROTATED)
                 await resolver.refresh(PASSWORD_SECRET)
                 assert value(await resolver.get_secret(PASSWORD_SECRET)) == DB_PASSWORD_ROTATED
-                assert await resolver.get_secret("auth.jwt.secret", required=False) is None
+                with pytest.raises(SecretResolutionError):  # mapped, and not in Vault
+                    await resolver.get_secret("auth.jwt.secret", required=False)
             finally:
                 await run_until(stop, task)
             try:
@@ -936,7 +949,9 @@ async def test_vault_refusing_connections_is_a_retryable_connection_error(
     """Refused connection: Vault's address is a closed local port. Reading a secret (through
     the resolver, even an optional one) and checking the token both fail at once with
     InfraConnectionError (retryable), classified from requests' ConnectionError; each counts
-    against the vault breaker, and the message names neither the address nor the token."""
+    against the vault breaker. Neither message names the token; a read's does not name the
+    address either, while connecting (what a starting worker reports) names it and its setting:
+    an address never holds a credential (the settings refuse userinfo)."""
     address = f"127.0.0.1:{free_port()}"
     client = clients(address=f"http://{address}", token=SecretStr(ROOT))
     resolver = resolver_for({PASSWORD_SECRET: VAULT_SOURCE}, vault=client)
@@ -950,8 +965,12 @@ async def test_vault_refusing_connections_is_a_retryable_connection_error(
         assert error.retryable
         assert type(error.__cause__) is requests_errors.ConnectionError
         assert error.context.transport is Transport.VAULT
-        assert address not in str(error)
         assert ROOT not in str(error)
+    assert address not in str(refused.value)
+    assert str(refused_connect.value).startswith(
+        f"cannot reach vault at http://{address}: connection failed (ConnectionError); check "
+        "ONEX_VAULT__ADDRESS"
+    )
     assert client.breaker.snapshot().consecutive_failures == 2
 
 

@@ -48,6 +48,7 @@ from contracts.operations_io import OperationResult, OperationStatus
 from contracts.registry import DeregisterNodeRequest
 from contracts.topics import TOPICS_BY_NAME, TopicName
 from tests.builders import register_request
+from tests.fakes import planted
 from tests.fakes.consul_agent import FakeConsulAgent
 from tests.fakes.fault_proxy import FaultProxy, start_proxied_broker
 from tests.stack import fast_operations
@@ -78,7 +79,7 @@ _STATE_EVENTS = {
 T = TypeVar("T")
 
 # Planted in the workers' settings: none may appear in a history, a log or an event.
-CONSUL_TOKEN = "chaos-consul-Token-5d2e91"
+CONSUL_TOKEN = planted.CONSUL_TOKEN
 
 
 @dataclass(frozen=True)

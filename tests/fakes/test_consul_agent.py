@@ -11,9 +11,10 @@ import consul.aio
 import pytest
 from consul import base as consul_errors
 
+from tests.fakes import planted
 from tests.fakes.consul_agent import FakeConsulAgent, consul_client
 
-TOKEN = "consul-acl-token-0123456789"
+TOKEN = planted.CONSUL_TOKEN
 
 
 @pytest.fixture

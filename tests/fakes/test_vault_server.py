@@ -14,9 +14,10 @@ import pytest
 import requests
 from hvac import exceptions as vault_errors
 
+from tests.fakes import planted
 from tests.fakes.vault_server import FakeVaultServer
 
-ROOT = "root-token-for-the-fake-0001"
+ROOT = planted.VAULT_TOKEN
 PASSWORD = "db-password-Xy7!q2"
 
 

@@ -17,6 +17,7 @@ from contracts.errors import (
 )
 from contracts.operation_contract import PlanError
 from contracts.operations_io import OperationStatus
+from tests.fakes import planted
 from tests.support import free_port
 from workers.cli import app
 from workers.cli.common import run
@@ -209,6 +210,23 @@ def test_a_failure_exits_with_its_code_and_one_line_not_a_traceback() -> None:
     assert "unexpected ZeroDivisionError: division by zero" in result.output
     assert "a bug" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_bootstrap_address_with_userinfo_stops_create_topics_before_it_connects(
+    cli_env: dict[str, str],
+) -> None:
+    """`onex kafka create-topics` with a password in ONEX_KAFKA__BOOTSTRAP_SERVERS (no
+    scheme) exits 2 naming the variable; nothing connected, so no client library logged the
+    address, and the password appears nowhere in the output."""
+    env = {
+        **cli_env,
+        "ONEX_KAFKA__BOOTSTRAP_SERVERS": f"onex:{planted.SASL_PASSWORD}@127.0.0.1:{free_port()}",
+    }
+    result = runner.invoke(app, ["kafka", "create-topics"], env=env)
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    assert "ONEX_KAFKA__BOOTSTRAP_SERVERS" in result.output
+    assert planted.SASL_PASSWORD not in result.output
+    assert "Unable connect to" not in result.output
 
 
 def test_a_failing_command_shows_the_library_line_that_explains_it(

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from activities.resilience.sanitize import register_secret
-from workers.logging import configure_logging, show_library_logs
+from activities.resilience.sanitize import GENERIC_MESSAGE, register_secret
+from tests.fakes import planted
+from workers.logging import LibraryLogs, configure_logging, show_library_logs
 
 SECRET = "kafka-Secret-93c1e"
 
@@ -64,3 +65,54 @@ def test_a_service_shows_library_lines_as_they_come_sanitized(
     assert record["logger"] == "asyncpg"
     assert record["event"].startswith("connection lost using"), record
     assert record["error"].startswith("ConnectionResetError"), record
+
+
+class _Collecting(logging.Handler):
+    """A handler someone else put on the root logger (an embedder's, a log shipper's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.mark.parametrize("libraries", ["live", "on_failure"])
+@pytest.mark.parametrize("name", ["aiokafka", "asyncpg", "aiohttp.client", "hvac"])
+def test_a_third_party_logger_is_sanitized_for_every_root_handler(
+    capsys: pytest.CaptureFixture[str], name: str, libraries: LibraryLogs
+) -> None:
+    """A client library's record carrying a credential in its arguments and in its exception
+    (a DSN with its password, the password again, neither registered with the sanitizer) is
+    sanitized as it is made: on standard error (the root handler installed here) and in a
+    handler someone else added to the root alike, its message is hidden whole and its
+    exception is one sanitized line, not a traceback; its logger and level are kept."""
+    password = planted.POSTGRES_PASSWORD
+    dsn = f"postgresql://onex:{password}@db.internal:5432/onex"
+    configure_logging("info", json=True, libraries=libraries)
+    other = _Collecting()
+    logging.getLogger().addHandler(other)
+    try:
+        logging.getLogger(name).warning(
+            "connecting to %s failed, retrying with password=%s",
+            dsn,
+            password,
+            exc_info=ConnectionRefusedError(f"connect call failed: {dsn}"),
+        )
+    finally:
+        logging.getLogger().removeHandler(other)
+    show_library_logs()  # a no-op when live
+    err = capsys.readouterr().err
+    assert password not in err, f"a {name} record reached stderr unsanitized"
+    [line] = err.splitlines()
+    record = json.loads(line)
+    assert (record["logger"], record["level"]) == (name, "warning"), record
+    assert record["event"] == GENERIC_MESSAGE, record
+    assert record["error"] == f"ConnectionRefusedError: {GENERIC_MESSAGE}", record
+    shown = "\n".join(other.lines)
+    assert password not in shown, f"another root handler got the {name} record unsanitized"
+    assert shown == (
+        f"{name} WARNING {GENERIC_MESSAGE}\nConnectionRefusedError: {GENERIC_MESSAGE}"
+    ), shown
