@@ -107,6 +107,9 @@ class RunActivity(BaseModel):
     activity: str
     argument: dict[str, object]
     max_attempts: int = 1
+    # The activity's task queue, when it is not the workflow's (a worker process that serves
+    # the activity but not this workflow).
+    task_queue: str | None = None
 
 
 @workflow.defn
@@ -119,6 +122,7 @@ class RunActivityWorkflow:
             result_type=dict,
             start_to_close_timeout=timedelta(seconds=60),
             retry_policy=RetryPolicy(maximum_attempts=call.max_attempts),
+            task_queue=call.task_queue,
         )
         return result
 

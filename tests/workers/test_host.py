@@ -296,16 +296,20 @@ async def test_onex_worker_drains_an_in_flight_activity_on_sigterm(
 
         marker = tmp_path / "started"
         client: Client = temporal_env.client
-        # The subprocess serves the activities; this process runs the workflow.
-        async with Worker(client, task_queue=task_queue, workflows=[RunActivityWorkflow]):
+        # The subprocess serves the activities (and the project's workflows, so the sample
+        # workflow has a queue of its own: a task it polled would fail there); this process
+        # runs the workflow.
+        workflows = f"{task_queue}-workflow"
+        async with Worker(client, task_queue=workflows, workflows=[RunActivityWorkflow]):
             handle = await client.start_workflow(
                 RunActivityWorkflow.run,
                 RunActivity(
                     activity="sleepy.wait_then_echo",
                     argument={"text": "drained", "seconds": 3, "started_marker": str(marker)},
+                    task_queue=task_queue,
                 ),
                 id=f"drain-{uuid.uuid4()}",
-                task_queue=task_queue,
+                task_queue=workflows,
             )
 
             async def activity_running() -> bool:
