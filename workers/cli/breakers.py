@@ -9,9 +9,11 @@ events that carry the reason. With Valkey unreachable they change nothing, and s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import typer
@@ -71,6 +73,19 @@ async def _fleet(settings: OnexSettings, doing: str) -> tuple[Any, FleetView]:
             f"({sanitize_exception(exc)}). Breaker state reaches the workers only through "
             "Valkey, so nothing was changed."
         ) from None
+
+
+@contextlib.asynccontextmanager
+async def _operating(settings: OnexSettings, name: str, doing: str) -> AsyncIterator[FleetBreakers]:
+    """The fleet's breakers, as an operator acts on breaker ``name`` (which must exist)."""
+    client, view = await _fleet(settings, doing)
+    try:
+        view.require(name)
+        yield FleetBreakers(
+            client, BreakerRegistry(), worker_id=_operator(), prefix=settings.valkey.key_prefix
+        )
+    finally:
+        await client.aclose()
 
 
 @breakers_app.command("list")
@@ -136,20 +151,10 @@ def open_command(name: str, duration: ForOption, reason: ReasonOption) -> None:
     settings = settings_or_exit()
 
     async def force() -> None:
-        client, view = await _fleet(settings, f"force breaker {name!r} open")
-        try:
-            view.require(name)
-            fleet = FleetBreakers(
-                client,
-                BreakerRegistry(),
-                worker_id=_operator(),
-                prefix=settings.valkey.key_prefix,
-            )
+        async with _operating(settings, name, f"force breaker {name!r} open") as fleet:
             await fleet.publish_open(
                 name, duration, reason=reason, origin=Origin.OPERATOR, forced=True
             )
-        finally:
-            await client.aclose()
 
     run_async(force, failing="breakers open failed")
     console.print(f"{name}: forced open for {duration:g}s on every worker ({reason})")
@@ -169,18 +174,8 @@ def close_command(
     settings = settings_or_exit()
 
     async def close() -> None:
-        client, view = await _fleet(settings, f"close breaker {name!r}")
-        try:
-            view.require(name)
-            fleet = FleetBreakers(
-                client,
-                BreakerRegistry(),
-                worker_id=_operator(),
-                prefix=settings.valkey.key_prefix,
-            )
+        async with _operating(settings, name, f"close breaker {name!r}") as fleet:
             await fleet.publish_close(name, reason=reason, origin=Origin.OPERATOR)
-        finally:
-            await client.aclose()
 
     run_async(close, failing="breakers close failed")
     console.print(f"{name}: closed on every worker")
