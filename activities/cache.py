@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 import structlog
 from pydantic import TypeAdapter, ValidationError
@@ -35,6 +34,7 @@ from valkey.exceptions import ValkeyError
 from activities.resilience.classify import classify
 from activities.resilience.sanitize import sanitize_exception
 from contracts.errors import ErrorContext, Transport
+from contracts.fleet import Cached
 
 __all__ = ["Cached", "ReadThroughCache", "is_outage"]
 
@@ -50,16 +50,6 @@ _LOADER_CONTEXT = ErrorContext(
 def is_outage(exc: Exception) -> bool:
     """Whether a loader's failure means the database is unreachable (not that it refused)."""
     return classify(exc, _LOADER_CONTEXT).transport_failure
-
-
-@dataclass(frozen=True, slots=True)
-class Cached(Generic[T]):
-    """An answer, and where it came from; ``stale`` when the database could not be asked."""
-
-    value: T
-    stale: bool
-    source: Literal["cache", "database"]
-    age_seconds: float = 0.0
 
 
 class ReadThroughCache(Generic[T]):

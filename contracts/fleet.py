@@ -18,9 +18,10 @@ node type, a missing node id, a credential in its metadata, too many bytes) is r
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -196,3 +197,17 @@ class LivenessSweepResult(_Contract):
     deregistering: list[uuid.UUID] = Field(
         default_factory=list, description="Nodes whose deregistration the silence policy asked"
     )
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Cached(Generic[T]):
+    """A registry answer, and where it came from (the read-through cache of
+    ``activities/cache.py``); ``stale`` when the database could not be asked."""
+
+    value: T
+    stale: bool
+    source: Literal["cache", "database"]
+    age_seconds: float = 0.0

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 from temporalio.client import (
@@ -52,7 +52,7 @@ from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 from activities.base import SecretSource
 from activities.resilience.correlation import ensure_correlation_id
 from contracts.errors import ErrorContext, InfraError, OperationError, Transport
-from contracts.fleet import FleetState, NodeView
+from contracts.fleet import Cached, FleetState, NodeView
 from contracts.node import NodeInput, NodeState, Submission, node_workflow_id
 from contracts.operation_contract import (
     OperationContract,
@@ -70,9 +70,6 @@ from workers.interceptors import CorrelationInterceptor
 from workers.settings import OnexSettings
 from workflows.node import NodeWorkflow
 from workflows.operation import OperationWorkflow, result_in_failure
-
-if TYPE_CHECKING:
-    from activities.cache import Cached
 
 T = TypeVar("T")
 

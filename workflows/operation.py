@@ -136,6 +136,8 @@ class OperationWorkflow:
         # Set by the node workflow when a later operation overrides this one (a deregister of
         # the node): a retry window still open closes now and compensates.
         self._superseded_by: str | None = None
+        # Set when a cancel request is latched (PATCH_CANCEL_AT_DURABLE_POINTS).
+        self._cancel_latched = False
 
     @workflow.run
     async def run(self, operation: OperationInput) -> OperationResult:
@@ -145,7 +147,37 @@ class OperationWorkflow:
         }
         self._publish_attributes(initial=True)
         # Asked before the first await, where every run (and its replay) asks it.
-        durable = workflow.patched(PATCH_CANCEL_AT_DURABLE_POINTS)
+        if not workflow.patched(PATCH_CANCEL_AT_DURABLE_POINTS):
+            return await self._operate(operation, durable=False)
+        # The operation runs in a task that a cancel never interrupts: the request is latched
+        # (see _latch_cancel) and acted on where the operation looks for it.
+        body = asyncio.create_task(self._operate(operation, durable=True))
+        while True:
+            try:
+                return await asyncio.shield(body)
+            except asyncio.CancelledError:
+                if body.done():
+                    return body.result()  # its own outcome, a cancelled end included
+                await self._latch_cancel()
+
+    async def _latch_cancel(self) -> None:
+        """Record a cancel request once the workflow is idle, never in the middle of a step.
+
+        A cancel that arrives in the same workflow task as a step's result can reach the
+        workflow with that result (on replay) or after it (when a worker that kept the run in
+        its cache picks the task up): latched once every task has run to its next wait, it is
+        seen after the result either way, so both take the same path.
+        """
+        while True:
+            try:
+                await workflow.wait_condition(lambda: True)
+                break
+            except asyncio.CancelledError:
+                continue  # a second request while latching the first
+        self._cancel_requested = True
+        self._cancel_latched = True
+
+    async def _operate(self, operation: OperationInput, *, durable: bool) -> OperationResult:
         try:
             await self._emit(WORKFLOW_STARTED)
             if (
@@ -452,8 +484,14 @@ class OperationWorkflow:
         try:
             await workflow.wait_condition(
                 lambda: (
-                    (self._status is not OperationStatus.PARTIAL or self._superseded_by is not None)
-                    and not self._retrying
+                    (
+                        (
+                            self._status is not OperationStatus.PARTIAL
+                            or self._superseded_by is not None
+                        )
+                        and not self._retrying
+                    )
+                    or self._cancel_latched
                 ),
                 timeout=timedelta(seconds=window_seconds),
             )
@@ -464,6 +502,8 @@ class OperationWorkflow:
                 workflow.logger.info("retry window expired: compensating")
                 await self._compensate()
             return
+        if self._cancel_latched:
+            raise asyncio.CancelledError("cancelled while the operation waited for a retry")
         if self._status is OperationStatus.PARTIAL:  # superseded while waiting
             workflow.logger.info("superseded (%s): compensating", self._superseded_by)
             self._reason = f"superseded by {self._superseded_by}"

@@ -20,10 +20,9 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner, Result
 
-from activities.cache import Cached
 from activities.settings import ValkeySettings
 from contracts.errors import InfraConnectionError
-from contracts.fleet import FleetState
+from contracts.fleet import Cached, FleetState
 from tests.fakes.fault_proxy import FaultProxy
 from tests.fleet_support import seed_fleet
 from workers.cli import app

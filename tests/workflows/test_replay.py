@@ -32,6 +32,10 @@ EXPECTED = {
     # a cancel meanwhile (the shape the chaos runner found with seed 5).
     "register_cancelled_worker_lost_during_started_event.json",
     "register_success_worker_lost_during_completed_event.json",
+    # Written by the chaos runner (seed 23392) with the first version of that patch: a cancel
+    # in the workflow task that brought a step's failure, taken by a worker that had the run
+    # cached; it did not replay until the cancel was latched once the workflow is idle.
+    "register_partial_cancel_with_the_failed_step_chaos_23392.json",
 }
 
 

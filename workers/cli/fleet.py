@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import json
 import uuid
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from contracts.errors import InfraConnectionError
-from contracts.fleet import FleetState, NodeView
+from contracts.fleet import Cached, FleetState, NodeView
 from workers.cli.common import (
     EPILOG,
     JsonOption,
@@ -24,9 +24,6 @@ from workers.cli.common import (
     temporal_client,
 )
 from workers.settings import OnexSettings
-
-if TYPE_CHECKING:
-    from activities.cache import Cached
 
 nodes_app = typer.Typer(
     help="The fleet: nodes registered, their heartbeats and liveness.\n\n"
