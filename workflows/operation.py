@@ -9,10 +9,10 @@ step whose backend is disabled is reported as skipped, with the reason, and neve
   ``retry_failed(backend)`` re-runs only the failed steps (or one of them); succeeded steps are
   never repeated. When the window expires, the succeeded steps are compensated.
 * Cancellation waits for steps in flight and for a running retry, compensates everything on
-  the stack (shielded), then the workflow ends cancelled. A cancel is acted on at durable
-  points only: the steps (remote activities, ordered in the history) and the settled outcome.
-  One that arrives while an event is queued (a local activity, which replay may resolve before
-  the cancel) decides nothing there; one after the outcome is settled reports the outcome.
+  the stack (shielded), then the workflow ends cancelled. A cancel is latched once the
+  workflow is idle (so replay sees it after the results of the same workflow task, as the
+  first run did) and acted on at durable points only: after the steps and while waiting for a
+  retry. One that arrives once the outcome is settled reports the outcome.
 * Every compensation is fenced (the activities compare against what this run wrote): one that
   finds newer work by another run changes nothing and reports ``superseded``, and the step is
   shown superseded with the reason, never as a failure. A step that finally failed in a way
@@ -91,13 +91,14 @@ PATCH_AMBIGUOUS_UNDO = "onex-ambiguous-failures-are-undone"
 # now local activities, run by this worker inside the workflow task that emits them (recorded
 # as markers, so the command sequence differs: hence the patch). Same ids, same patience.
 PATCH_LOCAL_EVENTS = "onex-events-queued-in-the-workflow-task"
-# A cancel seen while an event (a local activity) was being queued used to decide what came
-# next: skip the steps after the started event, report success after the completed one. When
-# the worker running that write died, replay can resolve the write before the cancel (the
-# server keeps no event for a local activity until its marker), so the code took the other
-# branch and the history no longer replayed. A cancel is now acted on at durable points only:
-# once the steps (remote activities) are scheduled, and when the outcome is settled, before
-# the last events.
+# A cancel interrupted the workflow wherever it was waiting, and what came next depended on
+# when it arrived relative to a result in the same workflow task. Replay does not always keep
+# that order: it can resolve an event write (a local activity) before a cancel that arrived
+# while a lost worker ran it, and it can hand a worker that kept the run cached a step's result
+# and a cancel one after the other where a fresh replay gets them together. Either way the
+# history stopped replaying (found by the chaos runner). Now a cancel is latched once the
+# workflow is idle and acted on at durable points only: after the steps, while waiting for a
+# retry, and not at all once the outcome is settled (before the last events).
 PATCH_CANCEL_AT_DURABLE_POINTS = "onex-cancel-acted-on-at-durable-points"
 
 PATIENT_BUDGET = timedelta(hours=24)
