@@ -30,9 +30,11 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import (
+    ApplicationError,
     CancelledError,
     ChildWorkflowError,
     WorkflowAlreadyStartedError,
@@ -209,10 +211,19 @@ class NodeWorkflow:
             reason = f"{operation.plan.operation} ({entry.view.workflow_id})"
             # Fire and forget: the operation acts on it only while it waits in partial.
             workflow.logger.info("%s supersedes %s", reason, running.view.workflow_id)
-            signal = asyncio.create_task(self._child.signal(OperationWorkflow.supersede, reason))
+            signal = asyncio.create_task(self._supersede(self._child, reason))
             self._signals.add(signal)
             signal.add_done_callback(self._signals.discard)
         return entry
+
+    @staticmethod
+    async def _supersede(child: workflow.ChildWorkflowHandle[Any, Any], reason: str) -> None:
+        """Signal the running operation that a later one overrides it; an operation that has
+        just ended has nothing left to supersede (the signal finds no workflow)."""
+        try:
+            await child.signal(OperationWorkflow.supersede, reason)
+        except ApplicationError as error:
+            workflow.logger.info("supersede not delivered: %s", error)
 
     async def _run_operation(self, entry: _Entry) -> OperationResult:
         """Run the operation as a child workflow; its result, even when it failed or was
