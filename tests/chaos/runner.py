@@ -680,12 +680,12 @@ class Chaos:
         execution up after a kill (or answers a query on a cold cache) must take the path the
         first one took. A history that does not is kept for the regression corpus."""
         kept = Path(tempfile.gettempdir()) / f"onex-chaos-{self.figures.seed}-nondeterministic"
-        for history in self.histories:
+        for index, history in enumerate(self.histories):
             result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
             if result.replay_failure is None:
                 continue
             kept.mkdir(exist_ok=True)
-            name = f"{history.workflow_id}.json"
+            name = f"{history.workflow_id}-{index}.json"  # one id can have several runs
             (kept / name).write_text(history.to_json())
             self.figures.problems.append(
                 f"{history.workflow_id} does not replay ({result.replay_failure}); "
