@@ -670,7 +670,7 @@ class SecretResolver:
         except (OSError, UnicodeDecodeError) as exc:
             logger.warning("secret_file_unreadable", secret=name, error_type=type(exc).__name__)
             return None, _unavailable(
-                name, "file", f"the file is missing or unreadable; {_FIX_FILE}"
+                name, "file", f"the file is missing or unreadable; create it, {_ELSEWHERE}"
             )
         if text.endswith("\r\n"):
             text = text[:-2]
@@ -692,7 +692,6 @@ class SecretResolver:
 
 
 _ELSEWHERE = "or map the secret elsewhere in ONEX_SECRETS__SOURCES"
-_FIX_FILE = f"create it, {_ELSEWHERE}"
 
 
 def _unavailable(name: str, kind: SourceType, reason: str) -> str:

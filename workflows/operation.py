@@ -137,8 +137,9 @@ class OperationWorkflow:
         # Set by the node workflow when a later operation overrides this one (a deregister of
         # the node): a retry window still open closes now and compensates.
         self._superseded_by: str | None = None
-        # Set when a cancel request is latched (PATCH_CANCEL_AT_DURABLE_POINTS).
-        self._cancel_latched = False
+        # PATCH_CANCEL_AT_DURABLE_POINTS: a cancel is latched (into _cancel_requested) rather
+        # than delivered where the operation waits.
+        self._durable = False
 
     @workflow.run
     async def run(self, operation: OperationInput) -> OperationResult:
@@ -148,11 +149,12 @@ class OperationWorkflow:
         }
         self._publish_attributes(initial=True)
         # Asked before the first await, where every run (and its replay) asks it.
-        if not workflow.patched(PATCH_CANCEL_AT_DURABLE_POINTS):
-            return await self._operate(operation, durable=False)
+        self._durable = workflow.patched(PATCH_CANCEL_AT_DURABLE_POINTS)
+        if not self._durable:
+            return await self._operate(operation)
         # The operation runs in a task that a cancel never interrupts: the request is latched
         # (see _latch_cancel) and acted on where the operation looks for it.
-        body = asyncio.create_task(self._operate(operation, durable=True))
+        body = asyncio.create_task(self._operate(operation))
         while True:
             try:
                 return await asyncio.shield(body)
@@ -176,13 +178,12 @@ class OperationWorkflow:
             except asyncio.CancelledError:
                 continue  # a second request while latching the first
         self._cancel_requested = True
-        self._cancel_latched = True
 
-    async def _operate(self, operation: OperationInput, *, durable: bool) -> OperationResult:
+    async def _operate(self, operation: OperationInput) -> OperationResult:
         try:
             await self._emit(WORKFLOW_STARTED)
             if (
-                not durable
+                not self._durable
                 and self._cancel_requested
                 and workflow.patched(PATCH_CANCEL_BEFORE_STEPS)
             ):
@@ -210,7 +211,7 @@ class OperationWorkflow:
         # The outcome is settled: a cancel that arrives during the last events changes nothing.
         cancelled = self._cancel_requested
         await self._finish()
-        if cancelled if durable else self._cancel_requested:
+        if cancelled if self._durable else self._cancel_requested:
             if self._status is OperationStatus.SUCCESS and workflow.patched(
                 PATCH_CANCEL_AFTER_SUCCESS
             ):
@@ -492,7 +493,7 @@ class OperationWorkflow:
                         )
                         and not self._retrying
                     )
-                    or self._cancel_latched
+                    or (self._durable and self._cancel_requested)
                 ),
                 timeout=timedelta(seconds=window_seconds),
             )
@@ -503,7 +504,7 @@ class OperationWorkflow:
                 workflow.logger.info("retry window expired: compensating")
                 await self._compensate()
             return
-        if self._cancel_latched:
+        if self._durable and self._cancel_requested:
             raise asyncio.CancelledError("cancelled while the operation waited for a retry")
         if self._status is OperationStatus.PARTIAL:  # superseded while waiting
             workflow.logger.info("superseded (%s): compensating", self._superseded_by)

@@ -680,8 +680,9 @@ class Chaos:
         execution up after a kill (or answers a query on a cold cache) must take the path the
         first one took. A history that does not is kept for the regression corpus."""
         kept = Path(tempfile.gettempdir()) / f"onex-chaos-{self.figures.seed}-nondeterministic"
+        replaying = replayer()
         for index, history in enumerate(self.histories):
-            result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
+            result = await replaying.replay_workflow(history, raise_on_replay_failure=False)
             if result.replay_failure is None:
                 continue
             kept.mkdir(exist_ok=True)
